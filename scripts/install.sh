@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv (or $ELGS_VENV) with torch 2.14.1 / torchvision 0.29.1 and elgs installed editable.
+# Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${ELGS_VENV:-.venv}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip_install() { "$venv/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+pip_install torch==2.14.1 torchvision==0.29.1
+pip_install -e '.[test]'
+"$venv/bin/python" -c "import elgs, torch, torchvision" || { echo "install failed" >&2; exit 1; }

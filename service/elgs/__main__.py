@@ -1,0 +1,5 @@
+import sys
+
+from elgs.cli import main
+
+sys.exit(main())

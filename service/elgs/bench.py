@@ -1,0 +1,96 @@
+"""Micro benchmark: time of the defence ops against the time of the model passes on the same batch.
+
+Everything is measured in one run, interleaved, and reported as medians and ratios, because a
+shared machine's absolute times drift between runs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from elgs.defenses import DEFENSES, DefenseInput, saliency_from_loss, topk_loss
+from elgs.images import image_to_tensor, sample_photo
+from elgs.models import LoadedModel, load_model
+
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left", "immunohistochemistry")
+
+
+def photo_batch(batch_size: int, size: int) -> torch.Tensor:
+    """(B, 3, size, size) of scikit-image photographs, cycled."""
+    return torch.stack([image_to_tensor(sample_photo(PHOTOS[i % len(PHOTOS)]), size) for i in range(batch_size)])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - started) * 1000
+
+
+def benchmark_model(model: LoadedModel, x: torch.Tensor, repeats: int) -> dict:
+    """Median milliseconds of the passes and of each defence, and each defence's ratio."""
+    device = model.device
+    x = x.to(device)
+    lam = torch.full((x.shape[0],), model.spec.default_lambda, device=device)
+    threshold = torch.full((x.shape[0],), 0.2, device=device)
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode():
+            return model.module(model.normalize(x))
+
+    def forward_with_saliency() -> torch.Tensor:
+        with torch.enable_grad():
+            x_input = x.clone().requires_grad_(True)
+            return saliency_from_loss(topk_loss(model.module(model.normalize(x_input))), x_input)
+
+    saliency = forward_with_saliency()
+    batch = DefenseInput(x=x, mean=model.mean, std=model.std, lam=lam, threshold=threshold, saliency=saliency)
+    timings: dict[str, list[float]] = {"forward": [], "forward_backward": []}
+    timings.update({name: [] for name in DEFENSES})
+    forward(), [d.apply(batch) for d in DEFENSES.values()]  # warm-up
+    for _ in range(repeats):
+        timings["forward"].append(_timed(forward, device))
+        timings["forward_backward"].append(_timed(forward_with_saliency, device))
+        for name, defense in DEFENSES.items():
+            timings[name].append(_timed(lambda d=defense: d.apply(batch), device))
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    rows = []
+    for name, defense in DEFENSES.items():
+        passes = (medians["forward_backward"] if defense.needs_saliency else medians["forward"]) + medians["forward"]
+        rows.append({"method": name, "defense_ms": medians[name], "passes_ms": passes,
+                     "ratio": medians[name] / passes})
+    return {"forward_ms": medians["forward"], "forward_backward_ms": medians["forward_backward"], "methods": rows}
+
+
+def run_defense_benchmark(models: Sequence[str], batch_size: int = 4, size: int = 224, repeats: int = 5,
+                          device: str | None = None, json_path: str | None = None) -> list[dict]:
+    """Benchmark each ``MODEL`` or ``MODEL:random``; print a table per model and return the results."""
+    x = photo_batch(batch_size, size)
+    results = []
+    for entry in models:
+        name, _, weights = entry.partition(":")
+        model = load_model(name, weights=weights or "pretrained", device=device, input_size=size)
+        result = {"model": name, "weights": model.weights, "device": str(model.device), "batch_size": batch_size,
+                  "size": size, "threads": torch.get_num_threads(), **benchmark_model(model, x, repeats)}
+        results.append(result)
+        print(f"\n{name} ({model.weights} weights) on {model.device}, batch {batch_size} at {size}x{size}, "
+              f"{torch.get_num_threads()} threads, median of {repeats}")
+        print(f"  forward {result['forward_ms']:.1f} ms, forward+input-gradient {result['forward_backward_ms']:.1f} ms")
+        print(f"  {'method':<10} {'defence ms':>11} {'passes ms':>10} {'ratio':>7}")
+        for row in result["methods"]:
+            print(f"  {row['method']:<10} {row['defense_ms']:>11.2f} {row['passes_ms']:>10.1f} {row['ratio']:>7.4f}")
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return results

@@ -1,0 +1,170 @@
+"""Core CLI commands: ``defend``, ``models list|fetch``, ``defenses``, ``bench defenses``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from elgs.cli import CommandError
+from elgs.defenses import DEFENSES, LAMBDA_RANGE, THRESHOLD_RANGE
+from elgs.models import MODELS, WeightsUnavailableError
+
+
+def _model_arguments(parser: argparse.ArgumentParser, default: str = "vgg16") -> None:
+    parser.add_argument("--model", default=default, choices=list(MODELS), help=f"zoo model (default {default})")
+    parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"],
+                        help="'random' is for development only")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: $ELGS_DEVICE, else CUDA if present)")
+    parser.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's)")
+
+
+def load_model_or_fail(args: argparse.Namespace):
+    """Load the model named by ``--model/--weights/--device/--input-size`` or raise CommandError."""
+    from elgs.models import load_model
+
+    try:
+        return load_model(args.model, weights=args.weights, device=args.device, input_size=args.input_size)
+    except (WeightsUnavailableError, ValueError, KeyError) as error:
+        raise CommandError(str(error)) from None
+
+
+def _format_predictions(title_left: str, left, title_right: str, right) -> str:
+    width = 34
+    lines = [f"   {title_left:<{width}}  {title_right}"]
+    for rank in range(max(len(left), len(right or []))):
+        cells = []
+        for column in (left, right):
+            if column and rank < len(column):
+                p = column[rank]
+                cells.append(f"{p.label[:24]:<24} {p.score:8.4f}")
+            else:
+                cells.append("")
+        lines.append(f"{rank + 1}. {cells[0]:<{width}}  {cells[1]}")
+    return "\n".join(lines)
+
+
+def _defend(args: argparse.Namespace) -> int:
+    from elgs.engine import Engine, InvalidParameterError, Request, UnknownMethodError
+    from elgs.images import ImageDecodeError, ImageTooLargeError, encode_png, image_to_tensor, open_image
+
+    if args.method not in DEFENSES:
+        raise CommandError(f"unknown method {args.method!r}; choose one of {', '.join(DEFENSES)}")
+    try:
+        image = open_image(args.image)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    except (ImageDecodeError, ImageTooLargeError) as error:
+        raise CommandError(f"{args.image}: {error}") from None
+    model = load_model_or_fail(args)
+    engine = Engine(model)
+    request = Request(image=image_to_tensor(image, model.input_size), task="defend", method=args.method,
+                      lam=args.lam, threshold=args.threshold)
+    try:
+        (result,) = engine.run([request])
+    except (InvalidParameterError, UnknownMethodError) as error:
+        raise CommandError(str(error)) from None
+    parameters = ", ".join(f"{k} {v:g}" for k, v in (("lambda", result.lam), ("threshold", result.threshold))
+                           if v is not None)
+    print(f"model {model.name} ({model.weights} weights, {model.device}), input {model.input_size}x{model.input_size}")
+    print(f"method {args.method}" + (f" ({parameters})" if parameters else ""))
+    print(_format_predictions("original", result.predictions, f"defended ({args.method})",
+                              result.defended_predictions))
+    if args.out:
+        Path(args.out).write_bytes(encode_png(result.image))
+        print(f"defended image written to {args.out}")
+    if args.mask_out:
+        Path(args.mask_out).write_bytes(encode_png(result.mask))
+        print(f"mask written to {args.mask_out}")
+    if args.json:
+        payload = {
+            "model": model.name, "weights": model.weights, "method": args.method,
+            "lambda": result.lam, "threshold": result.threshold,
+            "original_predictions": [p.__dict__ for p in result.predictions],
+            "predictions": [p.__dict__ for p in result.defended_predictions],
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from elgs.models import resolve_weights_file
+
+    for spec in MODELS.values():
+        if spec.embedded_weights is not None:
+            status = "embedded"
+        else:
+            local = resolve_weights_file(spec)
+            status = f"found at {local}" if local else f"missing ({spec.weights_file})"
+        print(f"{spec.name:<20} input {spec.input_size:<4} lambda {spec.default_lambda:<4} weights {status}")
+        print(f"{'':<20} {spec.summary}")
+    return 0
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    from elgs.models import get_model_spec
+    from elgs.models.registry import load_state_dict
+
+    for name in args.names:
+        try:
+            load_state_dict(get_model_spec(name))
+        except (WeightsUnavailableError, KeyError) as error:
+            raise CommandError(str(error)) from None
+        print(f"{name}: weights ready")
+    return 0
+
+
+def _defenses(args: argparse.Namespace) -> int:
+    for defense in DEFENSES.values():
+        extra = " (needs saliency: pass 1 with input gradient)" if defense.needs_saliency else ""
+        print(f"{defense.name:<10} {defense.summary}{extra}")
+    print(f"lambda in [{LAMBDA_RANGE[0]:g}, {LAMBDA_RANGE[1]:g}] (default per model), "
+          f"threshold in [{THRESHOLD_RANGE[0]:g}, {THRESHOLD_RANGE[1]:g}] (default 0.2)")
+    return 0
+
+
+def _bench_defenses(args: argparse.Namespace) -> int:
+    from elgs.bench import run_defense_benchmark
+
+    run_defense_benchmark(models=args.models.split(","), batch_size=args.batch_size, size=args.size,
+                          repeats=args.repeats, device=args.device, json_path=args.json)
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    defend = subparsers.add_parser(
+        "defend", help="defend one image and print both top-5 lists",
+        description="Classify IMAGE, apply a defence, classify the defended image; print both top-5 lists.",
+    )
+    defend.add_argument("image", metavar="IMAGE", help="image file, or skimage:NAME for a scikit-image photo")
+    _model_arguments(defend)
+    defend.add_argument("--method", default="slgs", help=f"one of {', '.join(DEFENSES)} (default slgs)")
+    defend.add_argument("--lambda", dest="lam", type=float, default=None,
+                        help=f"smoothing factor in [{LAMBDA_RANGE[0]:g}, {LAMBDA_RANGE[1]:g}] (default: the model's)")
+    defend.add_argument("--threshold", type=float, default=None, help="block threshold in [0, 1] (default 0.2)")
+    defend.add_argument("--out", help="write the defended image (PNG)")
+    defend.add_argument("--mask-out", help="write the applied mask (8-bit PNG)")
+    defend.add_argument("--json", help="write both top-5 lists as JSON")
+    defend.set_defaults(handler=_defend)
+
+    models = subparsers.add_parser("models", help="list the zoo or fetch weights")
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    models_sub.add_parser("list", help="zoo entries and where their weights are").set_defaults(handler=_models_list)
+    fetch = models_sub.add_parser("fetch", help="download pretrained weights into torchvision's cache")
+    fetch.add_argument("names", nargs="+", choices=list(MODELS), metavar="MODEL")
+    fetch.set_defaults(handler=_models_fetch)
+
+    subparsers.add_parser("defenses", help="list the defences and their parameters").set_defaults(handler=_defenses)
+
+    bench = subparsers.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+    bench_defenses = bench_sub.add_parser(
+        "defenses", help="defence-op time over model-pass time per method, measured in one run")
+    bench_defenses.add_argument("--models", default="efficientnet_lite0,vgg16:random",
+                                help="comma list of MODEL or MODEL:random (default efficientnet_lite0,vgg16:random)")
+    bench_defenses.add_argument("--batch-size", type=int, default=4)
+    bench_defenses.add_argument("--size", type=int, default=224)
+    bench_defenses.add_argument("--repeats", type=int, default=5)
+    bench_defenses.add_argument("--device", default=None)
+    bench_defenses.add_argument("--json", help="write the results as JSON")
+    bench_defenses.set_defaults(handler=_bench_defenses)

@@ -1,0 +1,94 @@
+"""Whole-image baseline filters in pixel space (DESIGN 2.5): JPEG, median, Gaussian."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from elgs.defenses._checks import check_image_batch
+
+
+def jpeg(x: torch.Tensor, quality: int = 75) -> torch.Tensor:
+    """JPEG round trip through Pillow at ``quality``.
+
+    Args:
+        x: pixel-space RGB images in [0, 1] of shape (B, 3, H, W).
+        quality: Pillow JPEG quality, 1 to 95.
+
+    Returns:
+        tensor shaped like ``x``, in [0, 1], quantised to 1/255.
+    """
+    check_image_batch(x, "x")
+    if x.shape[1] != 3:
+        raise ValueError(f"jpeg needs RGB images (B, 3, H, W), got {tuple(x.shape)}")
+    if not 1 <= quality <= 95:
+        raise ValueError(f"quality must be in [1, 95], got {quality}")
+    pixels = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    decoded = []
+    # The codec is Pillow's, one image at a time; there is no batched JPEG in torch on every device.
+    for image in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+        decoded.append(np.asarray(Image.open(buffer).convert("RGB")))
+    if not decoded:
+        return x.clone()
+    out = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2)
+    return out.to(device=x.device, dtype=x.dtype) / 255.0
+
+
+def median(x: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
+    """Median filter with replicated borders.
+
+    Args:
+        x: images of shape (B, C, H, W).
+        kernel_size: odd window side (3).
+
+    Returns:
+        tensor shaped like ``x``.
+    """
+    check_image_batch(x, "x")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+    if x.numel() == 0:
+        return x.clone()
+    pad = kernel_size // 2
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    windows = padded.unfold(2, kernel_size, 1).unfold(3, kernel_size, 1)  # (B, C, H, W, k, k)
+    return windows.flatten(-2).median(dim=-1).values
+
+
+def gaussian_kernel1d(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Normalised 1-D Gaussian of radius ``ceil(3 sigma)``; shape (2 * radius + 1,)."""
+    radius = max(1, math.ceil(3 * sigma))
+    positions = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    kernel = torch.exp(-0.5 * (positions / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Separable Gaussian blur with replicated borders.
+
+    Args:
+        x: images of shape (B, C, H, W).
+        sigma: standard deviation in pixels (1.0).
+
+    Returns:
+        tensor shaped like ``x``.
+    """
+    check_image_batch(x, "x")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if x.numel() == 0:
+        return x.clone()
+    b, c, h, w = x.shape
+    kernel = gaussian_kernel1d(sigma, x.dtype, x.device)
+    radius = kernel.numel() // 2
+    planes = F.pad(x.reshape(b * c, 1, h, w), (radius, radius, radius, radius), mode="replicate")
+    planes = F.conv2d(planes, kernel.reshape(1, 1, 1, -1))
+    planes = F.conv2d(planes, kernel.reshape(1, 1, -1, 1))
+    return planes.reshape(b, c, h, w)

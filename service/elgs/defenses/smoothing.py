@@ -1,0 +1,39 @@
+"""Gradient smoothing ``T(xn) = xn * clamp(1 - lam * m, 0, 1)`` (DESIGN 2.2, paper Eq. 5)."""
+
+from __future__ import annotations
+
+import torch
+
+from elgs.defenses._checks import as_per_sample, check_image_batch
+
+
+def suppression(mask: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+    """How strongly each value is pulled to the mean colour: ``clamp(lam * m, 0, 1)``.
+
+    Args:
+        mask: tensor of shape (B, C, H, W) or (B, 1, H, W).
+        lam: scalar or per-image tensor of shape (B,).
+
+    Returns:
+        tensor shaped like ``mask`` with values in [0, 1].
+    """
+    check_image_batch(mask, "mask")
+    lam = as_per_sample(lam, mask.shape[0], "lam", mask)
+    return (lam * mask).clamp(0.0, 1.0)
+
+
+def smooth(xn: torch.Tensor, mask: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+    """Suppress ``xn`` where ``lam * mask`` is large; returns a new tensor.
+
+    Args:
+        xn: model-normalised images of shape (B, C, H, W).
+        mask: tensor broadcastable to ``xn``, of shape (B, C, H, W) or (B, 1, H, W).
+        lam: scalar or per-image tensor of shape (B,).
+
+    Returns:
+        tensor shaped like ``xn``.
+    """
+    check_image_batch(xn, "xn")
+    if mask.ndim != 4 or mask.shape[0] != xn.shape[0]:
+        raise ValueError(f"mask must have shape (B, C or 1, H, W) matching xn {tuple(xn.shape)}, got {tuple(mask.shape)}")
+    return xn * (1.0 - suppression(mask, lam))

@@ -1,0 +1,79 @@
+"""The three gradient-smoothing defences: LGS, SLGS and WLGS (DESIGN 2.2)."""
+
+from __future__ import annotations
+
+import torch
+
+from elgs.defenses.gradients import local_gradient_map, minmax_normalize
+from elgs.defenses.morphology import saliency_region
+from elgs.defenses.smoothing import smooth
+
+
+def _as_map(saliency: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) or (B, 1, H, W) -> (B, 1, H, W)."""
+    if saliency.ndim == 3:
+        saliency = saliency.unsqueeze(1)
+    if saliency.ndim != 4 or saliency.shape[1] != 1:
+        raise ValueError(f"saliency must have shape (B, H, W) or (B, 1, H, W), got {tuple(saliency.shape)}")
+    return saliency
+
+
+def _check_same_grid(xn: torch.Tensor, saliency: torch.Tensor) -> None:
+    if saliency.shape[0] != xn.shape[0] or saliency.shape[-2:] != xn.shape[-2:]:
+        raise ValueError(f"saliency {tuple(saliency.shape)} does not match images {tuple(xn.shape)}")
+
+
+def lgs_mask(xn: torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torch.Tensor:
+    """LGS mask ``m = g``; (B, C, H, W) -> (B, C, H, W)."""
+    return local_gradient_map(xn, threshold=threshold)
+
+
+def slgs_mask(xn: torch.Tensor, saliency: torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torch.Tensor:
+    """SLGS mask ``m = D * g``: the gradient map inside the saliency region.
+
+    Args:
+        xn: normalised images of shape (B, C, H, W).
+        saliency: ``S`` of shape (B, H, W) or (B, 1, H, W).
+        threshold: block threshold, scalar or (B,).
+
+    Returns:
+        tensor of shape (B, C, H, W).
+    """
+    saliency = _as_map(saliency)
+    _check_same_grid(xn, saliency)
+    return saliency_region(saliency.to(xn.dtype)) * local_gradient_map(xn, threshold=threshold)
+
+
+def wlgs_mask(xn: torch.Tensor, saliency: torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torch.Tensor:
+    """WLGS mask ``m = W * g`` with ``W`` the per-image min-max normalised saliency.
+
+    Args:
+        xn: normalised images of shape (B, C, H, W).
+        saliency: ``S`` of shape (B, H, W) or (B, 1, H, W).
+        threshold: block threshold, scalar or (B,).
+
+    Returns:
+        tensor of shape (B, C, H, W).
+    """
+    saliency = _as_map(saliency)
+    _check_same_grid(xn, saliency)
+    return minmax_normalize(saliency.to(xn.dtype)) * local_gradient_map(xn, threshold=threshold)
+
+
+def lgs(xn: torch.Tensor, lam: float | torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torch.Tensor:
+    """Local Gradients Smoothing of normalised images (B, C, H, W); returns the smoothed ``xn``."""
+    return smooth(xn, lgs_mask(xn, threshold=threshold), lam)
+
+
+def slgs(
+    xn: torch.Tensor, saliency: torch.Tensor, lam: float | torch.Tensor, *, threshold: float | torch.Tensor = 0.2
+) -> torch.Tensor:
+    """Saliency-map-based LGS of normalised images (B, C, H, W); returns the smoothed ``xn``."""
+    return smooth(xn, slgs_mask(xn, saliency, threshold=threshold), lam)
+
+
+def wlgs(
+    xn: torch.Tensor, saliency: torch.Tensor, lam: float | torch.Tensor, *, threshold: float | torch.Tensor = 0.2
+) -> torch.Tensor:
+    """Weighted LGS of normalised images (B, C, H, W); returns the smoothed ``xn``."""
+    return smooth(xn, wlgs_mask(xn, saliency, threshold=threshold), lam)

@@ -1,0 +1,243 @@
+"""The two-pass engine (DESIGN 3): one batch of requests for one model in, one result per request out.
+
+Pass 1 is one forward on the original images; it carries the input gradient only when a request
+of the batch needs a saliency map (``slgs``, ``wlgs``, the ``saliency`` task), and then one backward
+of those requests' summed losses. The defences run batched per method. Pass 2 is one forward on
+all defended images. The engine knows nothing of HTTP; the batcher, the CLI and the attack
+evaluation call it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from elgs.defenses import (
+    DEFAULT_THRESHOLD,
+    LAMBDA_RANGE,
+    THRESHOLD_RANGE,
+    DefenseInput,
+    get_defense,
+    saliency_from_loss,
+    saliency_region,
+    topk_loss,
+)
+from elgs.models import LoadedModel
+
+Task = Literal["classify", "defend", "saliency"]
+TOP_K = 5
+
+
+class UnknownMethodError(KeyError):
+    """The requested defence is not registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return str(self.args[0])
+
+
+class InvalidParameterError(ValueError):
+    """A request parameter is out of its range."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One image and what to do with it.
+
+    Attributes:
+        image: pixel-space image in [0, 1], (3, S, S) at the model's input size.
+        task: ``classify`` (pass 1 only), ``defend`` (both passes) or ``saliency`` (pass 1 with ``S``).
+        method: a registered defence name (``defend`` only).
+        lam: smoothing factor; None takes the model's default.
+        threshold: gradient-map block threshold; None takes 0.2.
+    """
+
+    image: torch.Tensor
+    task: Task = "defend"
+    method: str = "none"
+    lam: float | None = None
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A class and its softmax probability."""
+
+    index: int
+    label: str
+    score: float
+
+
+@dataclass
+class Result:
+    """What the engine returns for one request; tensors are on the CPU.
+
+    Attributes:
+        predictions: top-5 on the original image (pass 1).
+        defended_predictions: top-5 on the defended image (pass 2), ``defend`` only.
+        image: defended image (3, S, S) in [0, 1], ``defend`` only.
+        mask: applied suppression (1, S, S) in [0, 1], ``defend`` only.
+        saliency: ``S`` (S, S) when it was computed.
+        region: SLGS saliency region (1, S, S), ``saliency`` task only.
+        lam: the lambda used (None where the method has none).
+        threshold: the threshold used (None where the method has none).
+        batch_size: how many requests shared the batch.
+        timing_ms: the batch's ``pass1``, ``defense`` and ``pass2`` wall times.
+    """
+
+    predictions: list[Prediction]
+    defended_predictions: list[Prediction] | None = None
+    image: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    saliency: torch.Tensor | None = None
+    region: torch.Tensor | None = None
+    lam: float | None = None
+    threshold: float | None = None
+    batch_size: int = 1
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _check_range(name: str, value: float, bounds: tuple[float, float]) -> float:
+    value = float(value)
+    if not math.isfinite(value) or not bounds[0] <= value <= bounds[1]:
+        raise InvalidParameterError(f"{name} must be a number in [{bounds[0]:g}, {bounds[1]:g}], got {value}")
+    return value
+
+
+class Engine:
+    """Runs batches of :class:`Request` through one :class:`~elgs.models.LoadedModel`."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+
+    def resolve(self, request: Request) -> Request:
+        """Validate ``request`` and fill its defaults.
+
+        Raises:
+            UnknownMethodError: the method is not a registered defence.
+            InvalidParameterError: lambda, threshold, task or image shape is invalid.
+        """
+        if request.task not in ("classify", "defend", "saliency"):
+            raise InvalidParameterError(f"task must be classify, defend or saliency, got {request.task!r}")
+        size = self.model.input_size
+        if request.image.shape != (3, size, size):
+            raise InvalidParameterError(
+                f"image must have shape (3, {size}, {size}) for {self.model.name}, got {tuple(request.image.shape)}"
+            )
+        if request.task != "defend":
+            return request
+        try:
+            defense = get_defense(request.method)
+        except KeyError as error:
+            raise UnknownMethodError(str(error.args[0])) from None
+        lam = threshold = None
+        if defense.uses_lambda:
+            lam = _check_range("lambda", self.model.spec.default_lambda if request.lam is None else request.lam,
+                               LAMBDA_RANGE)
+        if defense.uses_threshold:
+            threshold = _check_range("threshold", DEFAULT_THRESHOLD if request.threshold is None
+                                     else request.threshold, THRESHOLD_RANGE)
+        return Request(image=request.image, task="defend", method=request.method, lam=lam, threshold=threshold)
+
+    def _needs_saliency(self, request: Request) -> bool:
+        return request.task == "saliency" or (request.task == "defend" and get_defense(request.method).needs_saliency)
+
+    def _top_k(self, logits: torch.Tensor) -> list[list[Prediction]]:
+        probabilities = torch.softmax(logits.detach().float(), dim=1)
+        scores, indices = probabilities.topk(min(TOP_K, logits.shape[1]), dim=1)
+        labels = self.model.labels
+        return [
+            [Prediction(int(i), labels[int(i)] if int(i) < len(labels) else str(int(i)), float(s))
+             for s, i in zip(row_scores, row_indices)]
+            for row_scores, row_indices in zip(scores.tolist(), indices.tolist())
+        ]
+
+    def _pass1(self, x: torch.Tensor, saliency_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, N) and, when ``saliency_rows`` is not empty, ``S`` (B, H, W) (zeros elsewhere)."""
+        if not saliency_rows:
+            with torch.inference_mode():
+                return self.model.module(self.model.normalize(x)), None
+        with torch.enable_grad():
+            x_input = x.detach().clone().requires_grad_(True)
+            logits = self.model.module(self.model.normalize(x_input))
+            loss = topk_loss(logits[saliency_rows], TOP_K)
+            saliency = saliency_from_loss(loss, x_input)
+        return logits.detach(), saliency.detach()
+
+    def _defend(self, x: torch.Tensor, requests: Sequence[Request], rows: list[int],
+                saliency: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Defended images (len(rows), 3, H, W) and masks (len(rows), 1, H, W), batched per method."""
+        images = torch.empty((len(rows), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        masks = torch.empty((len(rows), 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        by_method: dict[str, list[int]] = {}
+        for position, row in enumerate(rows):
+            by_method.setdefault(requests[row].method, []).append(position)
+        for method, positions in by_method.items():
+            batch_rows = [rows[p] for p in positions]
+            defense = get_defense(method)
+            index = torch.tensor(batch_rows, device=x.device)
+            output = defense.apply(DefenseInput(
+                x=x[index],
+                mean=self.model.mean.to(x.dtype),
+                std=self.model.std.to(x.dtype),
+                lam=torch.tensor([requests[r].lam or 0.0 for r in batch_rows], dtype=x.dtype, device=x.device),
+                threshold=torch.tensor([requests[r].threshold or 0.0 for r in batch_rows], dtype=x.dtype,
+                                       device=x.device),
+                saliency=saliency[index] if defense.needs_saliency else None,
+            ))
+            target = torch.tensor(positions, device=x.device)
+            images[target] = output.image.to(x.dtype)
+            masks[target] = output.mask.to(x.dtype)
+        return images, masks
+
+    def run(self, requests: Sequence[Request]) -> list[Result]:
+        """Run a batch; result ``i`` is computed from ``requests[i]`` alone.
+
+        Raises:
+            UnknownMethodError, InvalidParameterError: a request is invalid (nothing runs).
+        """
+        if not requests:
+            return []
+        requests = [self.resolve(r) for r in requests]
+        device = self.model.device
+        x = torch.stack([r.image for r in requests]).to(device=device, dtype=torch.float32)
+        saliency_rows = [i for i, r in enumerate(requests) if self._needs_saliency(r)]
+        defend_rows = [i for i, r in enumerate(requests) if r.task == "defend"]
+
+        started = time.perf_counter()
+        logits, saliency = self._pass1(x, saliency_rows)
+        original = self._top_k(logits)
+        timing = {"pass1": (time.perf_counter() - started) * 1000}
+
+        started = time.perf_counter()
+        defended_predictions: list[list[Prediction]] = []
+        images = masks = None
+        if defend_rows:
+            images, masks = self._defend(x, requests, defend_rows, saliency)
+            timing["defense"] = (time.perf_counter() - started) * 1000
+            started = time.perf_counter()
+            with torch.inference_mode():
+                defended_predictions = self._top_k(self.model.module(self.model.normalize(images)))
+            timing["pass2"] = (time.perf_counter() - started) * 1000
+            images, masks = images.cpu(), masks.cpu()
+        saliency_cpu = saliency.cpu() if saliency is not None else None
+
+        results = []
+        defend_position = {row: p for p, row in enumerate(defend_rows)}
+        for i, request in enumerate(requests):
+            result = Result(predictions=original[i], batch_size=len(requests), timing_ms=timing)
+            if i in defend_position:
+                p = defend_position[i]
+                result.defended_predictions = defended_predictions[p]
+                result.image, result.mask = images[p], masks[p]
+                result.lam, result.threshold = request.lam, request.threshold
+            if saliency_cpu is not None and i in saliency_rows:
+                result.saliency = saliency_cpu[i]
+                if request.task == "saliency":
+                    result.region = saliency_region(saliency_cpu[i : i + 1])[0]
+            results.append(result)
+        return results

@@ -1,0 +1,124 @@
+"""Image decoding, conversion to tensors and PNG encoding shared by the CLI, the API and the attacks."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+SAMPLE_PREFIX = "skimage:"
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image Pillow can decode."""
+
+
+class ImageTooLargeError(ValueError):
+    """The image declares more pixels than allowed (decompression-bomb guard)."""
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float grayscale modes scaled to 8-bit 'L' by their dtype's range."""
+    array = np.asarray(image)
+    if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0) > 255):
+        scaled = array.astype(np.float64) / 65535.0
+    elif image.mode == "F":
+        scaled = array.astype(np.float64)
+        if scaled.max(initial=0) > 1.0:
+            scaled = scaled / 255.0
+    else:
+        scaled = array.astype(np.float64) / 255.0
+    return Image.fromarray((np.clip(scaled, 0, 1) * 255).round().astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert any Pillow mode to RGB; transparency lands on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        image = _to_8bit(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def open_image(source: str | os.PathLike | bytes | BinaryIO, *, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image from a path, bytes or a binary file into RGB.
+
+    ``skimage:NAME`` names one of scikit-image's sample photographs (``skimage:chelsea``).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ImageTooLargeError: more than ``max_pixels`` pixels declared.
+        ImageDecodeError: not a decodable image.
+    """
+    if isinstance(source, str) and source.startswith(SAMPLE_PREFIX):
+        return sample_photo(source[len(SAMPLE_PREFIX):])
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such image file: {path}")
+        source = path.read_bytes()
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        image = Image.open(stream)
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+            )
+        image.load()
+        return to_rgb(image)
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(str(error)) from error
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as error:
+        raise ImageDecodeError(f"cannot decode image: {error}") from error
+
+
+def sample_photo(name: str) -> Image.Image:
+    """One of scikit-image's bundled photographs (``chelsea``, ``coffee``, ``astronaut``, ...) as RGB."""
+    from skimage import data
+
+    loader = getattr(data, name, None)
+    if loader is None or not callable(loader):
+        raise FileNotFoundError(f"scikit-image has no sample photo {name!r} (try chelsea, coffee, astronaut)")
+    array = np.asarray(loader())
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.dtype != np.uint8:
+        array = (np.clip(array.astype(np.float64) / max(1.0, float(array.max())), 0, 1) * 255).astype(np.uint8)
+    return Image.fromarray(array[..., :3], mode="RGB")
+
+
+def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the whole RGB image (no crop) to ``size x size`` with bilinear; (3, size, size) in [0, 1]."""
+    resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
+    """(3, H, W) or (1, H, W) or (H, W) in [0, 1] -> an 8-bit RGB or L Pillow image."""
+    tensor = tensor.detach().float().cpu().clamp(0, 1)
+    if tensor.ndim == 3 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    array = (tensor * 255).round().to(torch.uint8)
+    if array.ndim == 3:
+        return Image.fromarray(array.permute(1, 2, 0).numpy(), mode="RGB")
+    return Image.fromarray(array.numpy(), mode="L")
+
+
+def encode_png(tensor: torch.Tensor) -> bytes:
+    """PNG bytes of a tensor accepted by :func:`tensor_to_image`."""
+    buffer = io.BytesIO()
+    tensor_to_image(tensor).save(buffer, format="PNG")
+    return buffer.getvalue()
