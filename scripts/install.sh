@@ -5,7 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${ELGS_VENV:-.venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-pip_install() { "$venv/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+log=$(mktemp)
+pip_install() {
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q "$@" >"$log" 2>&1 \
+    || { grep -v "^WARNING: Location" "$log" >&2; return 1; }
+}
 pip_install torch==2.14.1 torchvision==0.29.1
 pip_install -e '.[test]'
-"$venv/bin/python" -c "import elgs, torch, torchvision" || { echo "install failed" >&2; exit 1; }
+rm -f "$log"
+"$venv/bin/python" -c "import elgs, torch, torchvision, efficientnet_lite_pytorch, fastapi, pytest"

@@ -17,7 +17,7 @@ from elgs.defenses import DEFENSES, DefenseInput, saliency_from_loss, topk_loss
 from elgs.images import image_to_tensor, sample_photo
 from elgs.models import LoadedModel, load_model
 
-PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left", "immunohistochemistry")
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
 def photo_batch(batch_size: int, size: int) -> torch.Tensor:

@@ -12,6 +12,11 @@ import torch
 from PIL import Image, ImageOps
 
 SAMPLE_PREFIX = "skimage:"
+# scikit-image photographs that ship inside its wheel (no download needed).
+SAMPLE_PHOTOS = (
+    "chelsea", "coffee", "astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+    "colorwheel", "camera", "coins", "clock", "moon", "brick", "grass", "gravel", "cat", "page", "text",
+)
 
 
 class ImageDecodeError(ValueError):
@@ -89,10 +94,9 @@ def sample_photo(name: str) -> Image.Image:
     """One of scikit-image's bundled photographs (``chelsea``, ``coffee``, ``astronaut``, ...) as RGB."""
     from skimage import data
 
-    loader = getattr(data, name, None)
-    if loader is None or not callable(loader):
-        raise FileNotFoundError(f"scikit-image has no sample photo {name!r} (try chelsea, coffee, astronaut)")
-    array = np.asarray(loader())
+    if name not in SAMPLE_PHOTOS:
+        raise FileNotFoundError(f"no sample photo {name!r}; choose one of {', '.join(SAMPLE_PHOTOS)}")
+    array = np.asarray(getattr(data, name)())
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
     if array.dtype != np.uint8:
