@@ -176,9 +176,17 @@ def _missing_weights_message(spec: ModelSpec, reason: str) -> str:
     )
 
 
+def downloads_allowed() -> bool:
+    """False when ``$ELGS_ALLOW_DOWNLOAD`` is 0/false/no (air-gapped hosts fail fast instead of waiting)."""
+    return os.environ.get("ELGS_ALLOW_DOWNLOAD", "1").strip().lower() not in ("0", "false", "no")
+
+
 def load_state_dict(spec: ModelSpec, *, weights_dir: str | os.PathLike | None = None,
-                    allow_download: bool = True) -> dict:
-    """Pretrained state dict of ``spec`` from the embedded file, a local file, or a download."""
+                    allow_download: bool | None = None) -> dict:
+    """Pretrained state dict of ``spec`` from the embedded file, a local file, or a download
+    (unless ``allow_download`` is False; None reads ``$ELGS_ALLOW_DOWNLOAD``)."""
+    if allow_download is None:
+        allow_download = downloads_allowed()
     if spec.embedded_weights is not None:
         return torch.load(spec.embedded_weights(), map_location="cpu", weights_only=True)
     local = resolve_weights_file(spec, weights_dir)
@@ -202,7 +210,7 @@ def load_model(
     device: str | torch.device | None = None,
     input_size: int | None = None,
     weights_dir: str | os.PathLike | None = None,
-    allow_download: bool = True,
+    allow_download: bool | None = None,
 ) -> LoadedModel:
     """Build zoo model ``name`` with ``weights`` ("pretrained" or "random") on ``device``.
 

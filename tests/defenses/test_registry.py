@@ -1,0 +1,91 @@
+"""The torchvision-v2 checks for every registered defence, plus lambda-0 identity and range."""
+
+import pytest
+import torch
+
+from elgs.defenses import DEFENSES, DefenseInput, get_defense
+
+MEAN = torch.tensor([0.485, 0.456, 0.406])
+STD = torch.tensor([0.229, 0.224, 0.225])
+
+
+def _batch(x, lam=3.5, threshold=0.2, saliency=None):
+    b = x.shape[0]
+    if saliency is None:
+        saliency = torch.rand(b, *x.shape[-2:], generator=torch.Generator().manual_seed(3), dtype=x.dtype).to(x.device)
+    return DefenseInput(x=x, mean=MEAN.to(x), std=STD.to(x), lam=torch.full((b,), lam, dtype=x.dtype, device=x.device),
+                        threshold=torch.full((b,), threshold, dtype=x.dtype, device=x.device), saliency=saliency)
+
+
+@pytest.mark.parametrize("name", list(DEFENSES))
+def test_batched_equals_unbatched_and_no_inplace(name, dtype, device):
+    x = torch.rand(3, 3, 33, 41, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+    x[1] *= 0.1  # a dark image next to bright ones: no statistic may cross images
+    batch = _batch(x)
+    version = x._version
+    out = get_defense(name).apply(batch)
+    assert x._version == version
+    assert out.image.shape == x.shape and out.image.dtype == dtype and out.image.device == x.device
+    assert out.mask.shape == (3, 1, 33, 41)
+    assert torch.isfinite(out.image).all() and out.image.min() >= 0 and out.image.max() <= 1
+    assert out.mask.min() >= 0 and out.mask.max() <= 1
+    for i in range(3):
+        single = get_defense(name).apply(DefenseInput(
+            x=x[i : i + 1], mean=batch.mean, std=batch.std, lam=batch.lam[i : i + 1],
+            threshold=batch.threshold[i : i + 1], saliency=batch.saliency[i : i + 1]))
+        torch.testing.assert_close(out.image[i : i + 1], single.image, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.mask[i : i + 1], single.mask, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", [n for n, d in DEFENSES.items() if d.uses_lambda] + ["none"])
+def test_lambda_zero_is_identity(name, device):
+    x = torch.rand(2, 3, 30, 30, device=device)
+    out = get_defense(name).apply(_batch(x, lam=0.0))
+    assert torch.equal(out.image, x)
+    assert torch.equal(out.mask, torch.zeros_like(out.mask))
+
+
+@pytest.mark.parametrize("name", list(DEFENSES))
+def test_empty_batch(name):
+    x = torch.rand(0, 3, 16, 16)
+    out = get_defense(name).apply(_batch(x, saliency=torch.rand(0, 16, 16)))
+    assert out.image.shape == (0, 3, 16, 16)
+
+
+def test_constant_images_stay_finite():
+    for value in (0.0, 0.5, 1.0):
+        x = torch.full((2, 3, 24, 24), value)
+        for name in DEFENSES:
+            out = get_defense(name).apply(_batch(x, lam=10.0, saliency=torch.zeros(2, 24, 24)))
+            assert torch.isfinite(out.image).all(), name
+
+
+def test_lgs_suppresses_towards_mean_colour():
+    x = torch.rand(1, 3, 40, 40)
+    out = get_defense("lgs").apply(_batch(x, lam=10.0, threshold=0.0)).image
+    # With lambda 10 and every block kept, strong-gradient pixels land on the mean colour.
+    full = (out - MEAN.view(1, 3, 1, 1)).abs() < 1e-6
+    assert full.any()
+
+
+def test_baselines_hand_values():
+    x = torch.zeros(1, 3, 5, 5)
+    x[..., 2, 2] = 1.0
+    median = get_defense("median").apply(_batch(x)).image
+    assert torch.equal(median, torch.zeros_like(x))  # an isolated pixel is removed
+    impulse = torch.zeros(1, 3, 15, 15)
+    impulse[..., 7, 7] = 1.0
+    gaussian = get_defense("gaussian").apply(_batch(impulse)).image
+    assert abs(gaussian.sum().item() - 3.0) < 1e-5  # blur preserves mass away from borders
+    # Centre weight of a sigma-1 Gaussian sampled on [-3, 3]^2: (1 / sum_k exp(-k^2 / 2))^2.
+    centre = 1 / sum(torch.exp(torch.tensor(-k * k / 2.0)) for k in range(-3, 4)) ** 2
+    assert abs(gaussian[0, 0, 7, 7].item() - centre.item()) < 1e-6
+    jpeg = get_defense("jpeg").apply(_batch(torch.full((1, 3, 16, 16), 0.5))).image
+    assert (jpeg - 0.5).abs().max() <= 2 / 255
+
+
+def test_registry_describes_ranges():
+    described = get_defense("slgs").describe()
+    assert described["needs_saliency"] and described["parameters"]["lambda"]["maximum"] == 10.0
+    with pytest.raises(KeyError, match="choose one of"):
+        get_defense("nope")

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from elgs.engine import Engine, InvalidParameterError, Request, UnknownMethodError
+from tests.conftest import make_tiny_model
+
+
+def _mixed_requests(photos):
+    images = list(photos.values())
+    plan = [("defend", "slgs", 3.5), ("defend", "wlgs", 2.3), ("defend", "lgs", 1.0), ("defend", "none", None),
+            ("classify", "none", None), ("defend", "slgs", 0.0), ("saliency", "none", None), ("defend", "median", None)]
+    return [Request(image=images[i], task=task, method=method, lam=lam) for i, (task, method, lam) in enumerate(plan)]
+
+
+def test_mixed_batch_costs_two_model_calls_and_no_weight_grads(tiny_model, photos):
+    engine = Engine(tiny_model)
+    results = engine.run(_mixed_requests(photos))
+    assert tiny_model.module.calls == 2
+    assert all(p.grad is None for p in tiny_model.module.parameters())
+    assert all(r.batch_size == 8 for r in results)
+    assert results[0].defended_predictions is not None and results[0].saliency is not None
+    assert results[2].saliency is None  # lgs needs no saliency
+    assert results[4].defended_predictions is None and results[4].image is None
+    assert results[6].region is not None and results[6].region.shape == (1, 32, 32)
+    assert results[3].lam is None and results[0].lam == 3.5
+
+
+def test_classify_only_batch_costs_one_call(tiny_model, photos):
+    Engine(tiny_model).run([Request(image=x, task="classify") for x in photos.values()])
+    assert tiny_model.module.calls == 1
+
+
+def test_batch_equals_each_request_alone(photos):
+    model = make_tiny_model()
+    engine = Engine(model)
+    requests = _mixed_requests(photos)
+    batched = engine.run(requests)
+    for request, together in zip(requests, batched):
+        (alone,) = engine.run([request])
+        assert [p.index for p in alone.predictions] == [p.index for p in together.predictions]
+        for a, b in zip(alone.predictions, together.predictions):
+            assert abs(a.score - b.score) < 1e-5
+        if request.task == "defend":
+            torch.testing.assert_close(alone.image, together.image, atol=1e-5, rtol=0)
+            torch.testing.assert_close(alone.mask, together.mask, atol=1e-5, rtol=0)
+            assert [p.index for p in alone.defended_predictions] == [p.index for p in together.defended_predictions]
+
+
+def test_lambda_zero_defended_equals_original(tiny_model, photos):
+    x = photos["chelsea"]
+    before = x.clone()
+    for method in ("lgs", "slgs", "wlgs", "none"):
+        (result,) = Engine(tiny_model).run([Request(image=x, method=method, lam=0.0)])
+        assert torch.equal(result.image, x)
+        assert [p.index for p in result.defended_predictions] == [p.index for p in result.predictions]
+    assert torch.equal(x, before)
+
+
+def test_defaults_filled_from_model(tiny_model, photos):
+    (result,) = Engine(tiny_model).run([Request(image=photos["coffee"], method="slgs")])
+    assert result.lam == tiny_model.spec.default_lambda and result.threshold == 0.2
+    assert result.image.min() >= 0 and result.image.max() <= 1
+
+
+@pytest.mark.parametrize("lam", [-1.0, 11.0, float("nan"), float("inf")])
+def test_lambda_out_of_range_rejected_before_any_pass(tiny_model, photos, lam):
+    with pytest.raises(InvalidParameterError, match="lambda must be a number in \\[0, 10\\]"):
+        Engine(tiny_model).run([Request(image=photos["chelsea"], method="lgs", lam=lam)])
+    assert tiny_model.module.calls == 0
+
+
+def test_unknown_method_and_bad_shape(tiny_model):
+    engine = Engine(tiny_model)
+    with pytest.raises(UnknownMethodError, match="unknown defence 'blur'"):
+        engine.run([Request(image=torch.rand(3, 32, 32), method="blur")])
+    with pytest.raises(InvalidParameterError, match=r"\(3, 32, 32\)"):
+        engine.run([Request(image=torch.rand(3, 30, 32), method="lgs")])
+    with pytest.raises(InvalidParameterError, match="threshold"):
+        engine.run([Request(image=torch.rand(3, 32, 32), method="lgs", threshold=1.5)])
+    assert engine.run([]) == []
+
+
+def test_engine_on_cuda_matches_cpu(photos, device):
+    cpu_results = Engine(make_tiny_model()).run(_mixed_requests(photos))
+    device_results = Engine(make_tiny_model(device=str(device))).run(_mixed_requests(photos))
+    for a, b in zip(cpu_results, device_results):
+        assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
+        if a.image is not None:
+            torch.testing.assert_close(a.image, b.image, atol=1e-4, rtol=0)
