@@ -89,3 +89,13 @@ def test_registry_describes_ranges():
     assert described["needs_saliency"] and described["parameters"]["lambda"]["maximum"] == 10.0
     with pytest.raises(KeyError, match="choose one of"):
         get_defense("nope")
+
+
+def test_median_network_equals_sorting_median():
+    from elgs.defenses import median
+
+    x = torch.rand(2, 3, 17, 23, dtype=torch.float64)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    expected = padded.unfold(2, 3, 1).unfold(3, 3, 1).flatten(-2).median(dim=-1).values
+    assert torch.equal(median(x), expected)
+    assert median(x, kernel_size=5).shape == x.shape

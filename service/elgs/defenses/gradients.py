@@ -7,18 +7,18 @@ import torch.nn.functional as F
 
 from elgs.defenses._checks import as_per_sample, check_image_batch
 
-_SOBEL_X = ((1.0, 0.0, -1.0), (2.0, 0.0, -2.0), (1.0, 0.0, -1.0))
-
-
 def _safe_sqrt(squared: torch.Tensor) -> torch.Tensor:
-    # Exact forward; a zero (not NaN) gradient where the magnitude is exactly zero, so attacks
-    # can backpropagate through flat regions.
-    positive = squared > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, squared, torch.ones_like(squared))), 0.0)
+    # Clamping at the smallest normal number changes a zero magnitude by ~1e-19 (float32) but gives
+    # a zero gradient instead of NaN there, so attacks can backpropagate through flat regions.
+    return squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt()
 
 
 def sobel_magnitude(xn: torch.Tensor) -> torch.Tensor:
     """Per-channel Sobel gradient magnitude, cross-correlation with zero padding 1.
+
+    ``Kx = [[1,0,-1],[2,0,-2],[1,0,-1]]`` is the outer product of ``[1,2,1]`` (rows) and
+    ``[1,0,-1]`` (columns), and ``Ky = Kx^T``; both are applied as sums of shifted slices, which on
+    the CPU is several times faster than a single-channel ``conv2d``.
 
     Args:
         xn: images of shape (B, C, H, W).
@@ -27,11 +27,12 @@ def sobel_magnitude(xn: torch.Tensor) -> torch.Tensor:
         ``sqrt(Gx^2 + Gy^2)`` of shape (B, C, H, W).
     """
     check_image_batch(xn, "xn")
-    b, c, h, w = xn.shape
-    kx = torch.tensor(_SOBEL_X, dtype=xn.dtype, device=xn.device)
-    kernels = torch.stack([kx, kx.T]).unsqueeze(1)  # (2, 1, 3, 3)
-    grads = F.conv2d(xn.reshape(b * c, 1, h, w), kernels, padding=1)  # (B*C, 2, H, W)
-    return _safe_sqrt(grads.square().sum(dim=1)).reshape(b, c, h, w)
+    padded = F.pad(xn, (1, 1, 1, 1))
+    column_difference = padded[..., :, :-2] - padded[..., :, 2:]  # (B, C, H+2, W)
+    gx = column_difference[..., :-2, :] + 2 * column_difference[..., 1:-1, :] + column_difference[..., 2:, :]
+    column_smooth = padded[..., :, :-2] + 2 * padded[..., :, 1:-1] + padded[..., :, 2:]
+    gy = column_smooth[..., :-2, :] - column_smooth[..., 2:, :]
+    return _safe_sqrt(gx.square() + gy.square())
 
 
 def minmax_normalize(values: torch.Tensor) -> torch.Tensor:
