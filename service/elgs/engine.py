@@ -229,7 +229,7 @@ class Engine:
         results = []
         defend_position = {row: p for p, row in enumerate(defend_rows)}
         for i, request in enumerate(requests):
-            result = Result(predictions=original[i], batch_size=len(requests), timing_ms=timing)
+            result = Result(predictions=original[i], batch_size=len(requests), timing_ms=dict(timing))
             if i in defend_position:
                 p = defend_position[i]
                 result.defended_predictions = defended_predictions[p]
