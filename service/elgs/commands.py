@@ -168,3 +168,7 @@ def add_commands(subparsers) -> None:
     bench_defenses.add_argument("--device", default=None)
     bench_defenses.add_argument("--json", help="write the results as JSON")
     bench_defenses.set_defaults(handler=_bench_defenses)
+
+    from elgs.loadbench import add_bench_service
+
+    add_bench_service(bench_sub)

@@ -1,0 +1,6 @@
+"""The HTTP service (DESIGN 6): ``create_app(settings=None, models=None)`` builds the FastAPI app."""
+
+from elgs.api.app import create_app
+from elgs.api.settings import Settings
+
+__all__ = ["Settings", "create_app"]

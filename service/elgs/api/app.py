@@ -1,0 +1,98 @@
+"""The app factory and its lifespan: load the models once, warm them up, keep them resident."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from elgs.api.dependencies import require_api_key
+from elgs.api.errors import install_error_handlers
+from elgs.api.metrics import MetricsMiddleware, ServiceMetrics
+from elgs.api.routes import OPEN_ROUTERS, PROTECTED_ROUTERS
+from elgs.api.routes.page import STATIC_DIR
+from elgs.api.settings import Settings
+from elgs.api.state import ServiceState, load_models
+from elgs.api.uploads import BodyLimitMiddleware
+from elgs.models import LoadedModel
+
+logger = logging.getLogger("elgs.api")
+
+DESCRIPTION = """
+Defends image classifiers against adversarial patch attacks with Local Gradients Smoothing (LGS) and
+its saliency-guided successors SLGS and WLGS.
+
+Upload an image as the multipart field `image`:
+
+    curl -F image=@cat.jpg 'http://localhost:8000/defend/slgs?lambda=3.5'
+    curl -F image=@cat.jpg 'http://localhost:8000/defend/slgs?response=image' -o defended.png
+
+Every error is `{"detail": "..."}` saying what to fix. When the server sets `ELGS_API_KEY`, send
+`Authorization: Bearer <key>`; the health probes, `/metrics`, the web page at `/` (it asks for the key)
+and these docs stay open.
+"""
+
+
+def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None) -> FastAPI:
+    """Build the service.
+
+    Args:
+        settings: defaults to :class:`Settings` read from the ``ELGS_*`` environment.
+        models: already loaded models to serve (tests pass a tiny CNN); by default the lifespan loads
+            ``settings.models`` from the zoo.
+
+    Returns:
+        The FastAPI app; its lifespan loads and warms up the models and shuts the batchers down.
+    """
+    settings = settings or Settings()
+    service_metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if models is not None:
+            loaded = list(models)
+        else:
+            try:
+                loaded = await asyncio.to_thread(load_models, settings)
+            except Exception as error:
+                logger.error("cannot start: %s", error)
+                raise
+        service = ServiceState.build(settings, loaded, service_metrics)
+        await service.start(warmup=settings.warmup)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await service.close()
+
+    from elgs import __version__
+
+    app = FastAPI(
+        title="elgs", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+        openapi_tags=[
+            {"name": "inference", "description": "classify, defend, saliency (multipart field `image`)"},
+            {"name": "catalogue", "description": "what is loaded and available"},
+            {"name": "health", "description": "probes and Prometheus metrics (no API key needed)"},
+        ],
+    )
+    app.state.settings = settings
+    app.state.metrics = service_metrics
+    app.state.service = None
+    install_error_handlers(app)
+    # Added last = outermost: metrics see every answer, including the body limit's 413.
+    app.add_middleware(BodyLimitMiddleware, max_upload_mb=settings.max_upload_mb)
+    app.add_middleware(MetricsMiddleware, metrics=service_metrics)
+
+    protected = [Depends(require_api_key)]
+    for router in PROTECTED_ROUTERS:
+        app.include_router(router, dependencies=protected)
+    for router in OPEN_ROUTERS:
+        app.include_router(router)
+    # check_dir=False: an installation without the page's files still serves the API.
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    return app

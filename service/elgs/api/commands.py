@@ -1,0 +1,61 @@
+"""``elgs serve``: run the HTTP service with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+from elgs.cli import CommandError
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="run the HTTP service (uvicorn)",
+        description="Serve POST /classify, /defend/{method}, /saliency and the web page at /. Options not given "
+                    "here come from the ELGS_* environment (ELGS_API_KEY, ELGS_MAX_UPLOAD_MB, ...).")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated zoo models, the first is the default (default: $ELGS_MODELS, "
+                             "else vgg16,inception_v3)")
+    parser.add_argument("--host", default=None, help="address to bind (default: $ELGS_HOST, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: $ELGS_PORT, else 8000)")
+    parser.add_argument("--weights", choices=["pretrained", "random"], default=None,
+                        help="'random' is for development only (default: pretrained)")
+    parser.add_argument("--weights-dir", default=None, help="directory with local weight files ($ELGS_WEIGHTS_DIR)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    parser.add_argument("--input-size", type=int, default=None, help="square input side (default: per model)")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="requests per batch (default: 32 GPU, 4 CPU)")
+    parser.add_argument("--max-wait-ms", type=float, default=None, help="batch window after its first request (5)")
+    parser.add_argument("--max-queue", type=int, default=None, help="queued requests per model before 503 (256)")
+    parser.add_argument("--request-timeout-s", type=float, default=None, help="per-request deadline before 504 (30)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from elgs.api import Settings, create_app
+    from elgs.api.state import load_models
+    from elgs.models import WeightsUnavailableError
+
+    overrides = {field: getattr(args, field) for field in (
+        "models", "host", "port", "weights", "weights_dir", "device", "input_size", "max_batch_size", "max_wait_ms",
+        "max_queue", "request_timeout_s") if getattr(args, field) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise CommandError(f"invalid setting: {problems}") from None
+    # Load here rather than in the lifespan so a missing weights file is a one-line error, not a traceback.
+    try:
+        models = load_models(settings)
+    except (WeightsUnavailableError, KeyError, ValueError) as error:
+        raise CommandError(str(error.args[0]) if isinstance(error, KeyError) else str(error)) from None
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)-9s %(name)s: %(message)s")
+    app = create_app(settings, models=models)
+    print(f"elgs: serving {', '.join(settings.models)} on http://{settings.host}:{settings.port} "
+          f"(web page at /, API docs at /docs)", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, workers=1)
+    return 0

@@ -1,0 +1,146 @@
+"""Map every failure to ``{"detail": "..."}`` with the status of DESIGN 6, worded so a user knows what to fix."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import UnidentifiedImageError
+
+from elgs.api.inference import ClientDisconnectedError
+from elgs.api.state import ModelNotLoadedError
+from elgs.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
+from elgs.engine import InvalidParameterError, UnknownMethodError
+from elgs.images import ImageDecodeError, ImageTooLargeError
+
+logger = logging.getLogger("elgs.api")
+
+# What each parameter is, appended to validation errors about it.
+PARAMETER_HINTS = {
+    "lambda": "lambda is the smoothing factor: a number from 0 to 10, e.g. ?lambda=3.5",
+    "threshold": "threshold is the gradient block threshold: a number from 0 to 1, e.g. ?threshold=0.2",
+    "image": "upload the image as the multipart/form-data field 'image', e.g. curl -F image=@photo.jpg URL",
+    "response": "response is json (default), image or mask",
+    "model": "GET /models lists the loaded models",
+}
+
+# Status codes and what they mean, for the OpenAPI document.
+ERROR_DESCRIPTIONS = {
+    400: "the upload is not a decodable image (e.g. truncated) or is empty",
+    401: "ELGS_API_KEY is set and the request lacks 'Authorization: Bearer <key>' or the key is wrong",
+    404: "unknown defence method or model not loaded",
+    413: "upload over max_upload_mb or image over max_pixels",
+    415: "the upload is not an image type",
+    422: "a parameter is out of range or the 'image' field is missing",
+    503: "queue full (see Retry-After) or the server is shutting down",
+    504: "no answer within request_timeout_s",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries for a route, all with the ``{"detail": ...}`` body."""
+    from elgs.api.schemas import ErrorResponse
+
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+def _json(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _parameter_name(loc: Sequence[Any]) -> tuple[str, str]:
+    """('query', 'lambda') -> ('query parameter', 'lambda')."""
+    where = {"query": "query parameter", "path": "path parameter", "body": "form field",
+             "header": "header"}.get(str(loc[0]) if loc else "", "parameter")
+    name = ".".join(str(part) for part in loc[1:]) or where
+    return where, name
+
+
+def format_validation_errors(errors: Sequence[dict[str, Any]]) -> str:
+    """FastAPI's list of pydantic errors as one readable sentence per problem."""
+    sentences = []
+    for error in errors:
+        where, name = _parameter_name(error.get("loc", ()))
+        if error.get("type") == "missing":
+            sentence = f"missing {where} '{name}'"
+        elif name == "image" and where == "form field":
+            sentence = "form field 'image' must be a file upload, not a text value"
+        else:
+            message = str(error.get("msg", "is invalid"))
+            message = message[0].lower() + message[1:] if message else message
+            given = error.get("input")
+            sentence = f"{where} '{name}': {message}"
+            if isinstance(given, (str, int, float)):
+                sentence += f", got {given!r}"
+        hint = PARAMETER_HINTS.get(name.split(".")[0])
+        sentences.append(f"{sentence} ({hint})" if hint else sentence)
+    return "; ".join(sentences) or "invalid request"
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    return _json(422, format_validation_errors(error.errors()))
+
+
+async def _queue_full(request: Request, error: QueueFullError) -> JSONResponse:
+    return _json(503, str(error), headers={"Retry-After": str(error.retry_after_s)})
+
+
+async def _closed(request: Request, error: BatcherClosedError) -> JSONResponse:
+    return _json(503, f"{error}; retry on another replica or in a moment", headers={"Retry-After": "1"})
+
+
+async def _deadline(request: Request, error: DeadlineExceededError) -> JSONResponse:
+    return _json(504, str(error))
+
+
+async def _unknown_method(request: Request, error: UnknownMethodError) -> JSONResponse:
+    return _json(404, str(error))
+
+
+async def _model_not_loaded(request: Request, error: ModelNotLoadedError) -> JSONResponse:
+    return _json(404, str(error.args[0]))
+
+
+async def _invalid_parameter(request: Request, error: InvalidParameterError) -> JSONResponse:
+    return _json(422, str(error))
+
+
+async def _too_large(request: Request, error: ImageTooLargeError) -> JSONResponse:
+    return _json(413, f"{error}; resize the image or raise ELGS_MAX_PIXELS")
+
+
+async def _undecodable(request: Request, error: ImageDecodeError) -> JSONResponse:
+    if isinstance(error.__cause__, UnidentifiedImageError):
+        return _json(415, "the upload is not in an image format this server reads (JPEG, PNG, GIF, BMP, TIFF, "
+                          "WebP ...); send an image file in the field 'image'")
+    return _json(400, f"the image could not be decoded ({error.__cause__ or error}); the file may be truncated "
+                      "or corrupt, send the complete file")
+
+
+async def _client_gone(request: Request, error: Exception) -> JSONResponse:
+    # nginx's 499: nobody reads this, but the metrics and the access log show what happened.
+    return _json(499, "the client closed the connection before the answer was ready")
+
+
+async def _internal(request: Request, error: Exception) -> JSONResponse:
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+    return _json(500, f"internal error ({type(error).__name__}: {error}); the server logs have the traceback")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(QueueFullError, _queue_full)
+    app.add_exception_handler(BatcherClosedError, _closed)
+    app.add_exception_handler(DeadlineExceededError, _deadline)
+    app.add_exception_handler(UnknownMethodError, _unknown_method)
+    app.add_exception_handler(ModelNotLoadedError, _model_not_loaded)
+    app.add_exception_handler(InvalidParameterError, _invalid_parameter)
+    app.add_exception_handler(ImageTooLargeError, _too_large)
+    app.add_exception_handler(ImageDecodeError, _undecodable)
+    app.add_exception_handler(ClientDisconnectedError, _client_gone)
+    app.add_exception_handler(Exception, _internal)

@@ -1,0 +1,112 @@
+"""Glue the routes share: decode, submit to the batcher while watching the client, encode the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from fastapi import Request as HttpRequest
+from fastapi import UploadFile
+
+from elgs.api.settings import Settings
+from elgs.api.state import ModelRuntime
+from elgs.api.uploads import read_image
+from elgs.engine import Prediction, Request, Result
+from elgs.images import encode_png
+
+
+class ClientDisconnectedError(Exception):
+    """The client closed the connection while its request was waiting."""
+
+
+@dataclass
+class Answer:
+    """An engine result and the request's own timings (milliseconds)."""
+
+    result: Result
+    timing_ms: dict[str, float]
+    started: float
+
+    def finish(self, encode_ms: float = 0.0) -> dict[str, float]:
+        """``timing_ms`` with ``encode`` and ``total`` filled in."""
+        self.timing_ms["encode"] = round(encode_ms, 3)
+        self.timing_ms["total"] = round((time.perf_counter() - self.started) * 1000, 3)
+        return self.timing_ms
+
+
+async def _wait_for_disconnect(http_request: HttpRequest) -> None:
+    # The body is fully read by now, so the only message left is the disconnect.
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def submit_unless_disconnected(http_request: HttpRequest, runtime: ModelRuntime, request: Request,
+                                     deadline: float) -> Result:
+    """``runtime.batcher.submit(request)``, cancelled (so dropped before compute) if the client leaves."""
+    submission = asyncio.ensure_future(runtime.batcher.submit(request, deadline=deadline))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(http_request))
+    try:
+        await asyncio.wait({submission, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not submission.done():
+            submission.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await submission  # the batcher takes the request out of its queue
+    if submission.cancelled():
+        raise ClientDisconnectedError("the client closed the connection")
+    return submission.result()
+
+
+async def run(http_request: HttpRequest, runtime: ModelRuntime, settings: Settings, upload: UploadFile,
+              **request_fields) -> Answer:
+    """Decode ``upload`` at the model's input size, run it through the batcher, time each stage."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + settings.request_timeout_s
+    runtime.batcher.check_capacity()  # a full queue answers 503 before any decoding
+    image = await read_image(upload, size=runtime.model.input_size, max_upload_mb=settings.max_upload_mb,
+                             max_pixels=settings.max_pixels)
+    decoded = time.perf_counter()
+    result = await submit_unless_disconnected(http_request, runtime, Request(image=image, **request_fields), deadline)
+    waited_ms = (time.perf_counter() - decoded) * 1000
+    engine_ms = sum(result.timing_ms.values())
+    timing = {"decode": round((decoded - started) * 1000, 3), "queue": round(max(0.0, waited_ms - engine_ms), 3)}
+    timing.update({stage: round(ms, 3) for stage, ms in result.timing_ms.items()})
+    return Answer(result=result, timing_ms=timing, started=started)
+
+
+def predictions(items: list[Prediction] | None) -> list[dict]:
+    return [{"index": p.index, "label": p.label, "score": p.score} for p in items or []]
+
+
+def _scaled(tensor: torch.Tensor) -> torch.Tensor:
+    """Min-max scale to [0, 1] for display (zeros when constant)."""
+    tensor = tensor.float()
+    low, high = tensor.min(), tensor.max()
+    return (tensor - low) / (high - low) if high > low else torch.zeros_like(tensor)
+
+
+def _png_base64(tensor: torch.Tensor) -> str:
+    return base64.b64encode(encode_png(tensor)).decode("ascii")
+
+
+async def encode_base64_pngs(*tensors: torch.Tensor, scale: tuple[bool, ...] = ()) -> tuple[list[str], float]:
+    """Base64 PNGs of ``tensors`` (encoded in a worker thread) and the time it took in ms."""
+    started = time.perf_counter()
+
+    def encode() -> list[str]:
+        return [_png_base64(_scaled(t) if i < len(scale) and scale[i] else t) for i, t in enumerate(tensors)]
+
+    encoded = await asyncio.to_thread(encode)
+    return encoded, (time.perf_counter() - started) * 1000
+
+
+async def encode_png_bytes(tensor: torch.Tensor) -> bytes:
+    """PNG bytes of ``tensor``, encoded in a worker thread."""
+    return await asyncio.to_thread(encode_png, tensor)

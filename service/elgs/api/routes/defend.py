@@ -1,0 +1,70 @@
+"""``POST /defend/{method}``: apply a defence, classify the original and the defended image."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query, Request, UploadFile
+from fastapi.responses import Response
+
+from elgs.api import inference
+from elgs.api.dependencies import RuntimeDep, SettingsDep
+from elgs.api.errors import error_responses
+from elgs.api.routes.classify import IMAGE_FIELD
+from elgs.api.schemas import DefendResponse
+from elgs.defenses import DEFAULT_THRESHOLD, DEFENSES, LAMBDA_RANGE, THRESHOLD_RANGE, get_defense
+from elgs.engine import UnknownMethodError
+
+router = APIRouter(tags=["inference"])
+
+_METHODS = ", ".join(f"`{name}` ({defense.summary})" for name, defense in DEFENSES.items())
+
+
+@router.post(
+    "/defend/{method}", response_model=DefendResponse, response_model_by_alias=True, summary="Defend an image",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "JSON, or with ?response=image|mask the PNG itself"},
+        **error_responses(400, 401, 404, 413, 415, 422, 503, 504),
+    },
+)
+async def defend(
+    http_request: Request,
+    method: Annotated[str, Path(description=f"the defence: {_METHODS}", examples=["slgs"])],
+    image: Annotated[UploadFile, IMAGE_FIELD],
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    lam: Annotated[float | None, Query(
+        alias="lambda", ge=LAMBDA_RANGE[0], le=LAMBDA_RANGE[1], allow_inf_nan=False,
+        description=f"smoothing factor in [{LAMBDA_RANGE[0]:g}, {LAMBDA_RANGE[1]:g}] (lgs, slgs, wlgs); "
+                    "default: the model's (GET /models)")] = None,
+    threshold: Annotated[float | None, Query(
+        ge=THRESHOLD_RANGE[0], le=THRESHOLD_RANGE[1], allow_inf_nan=False,
+        description=f"gradient block threshold in [{THRESHOLD_RANGE[0]:g}, {THRESHOLD_RANGE[1]:g}] "
+                    f"(lgs, slgs, wlgs); default {DEFAULT_THRESHOLD}")] = None,
+    response: Annotated[Literal["json", "image", "mask"], Query(
+        description="`json` (default); `image` or `mask` return that PNG itself (for curl -o)")] = "json",
+) -> DefendResponse | Response:
+    """Smooth the suspected patch away and classify both images.
+
+    The mask is the applied suppression (255 = the pixel moved all the way to the dataset mean).
+    """
+    try:
+        get_defense(method)
+    except KeyError as error:
+        raise UnknownMethodError(str(error.args[0])) from None
+    answer = await inference.run(http_request, runtime, settings, image, task="defend", method=method, lam=lam,
+                                 threshold=threshold)
+    result = answer.result
+    if response != "json":
+        png = await inference.encode_png_bytes(result.image if response == "image" else result.mask)
+        headers = {"X-Elgs-Model": runtime.name, "X-Elgs-Weights": runtime.model.weights,
+                   "X-Elgs-Batch-Size": str(result.batch_size),
+                   "X-Elgs-Top1": result.defended_predictions[0].label if result.defended_predictions else ""}
+        return Response(png, media_type="image/png", headers=headers)
+    (image_png, mask_png), encode_ms = await inference.encode_base64_pngs(result.image, result.mask)
+    return DefendResponse(
+        model=runtime.name, weights=runtime.model.weights, method=method, lam=result.lam, threshold=result.threshold,
+        predictions=inference.predictions(result.defended_predictions),
+        original_predictions=inference.predictions(result.predictions),
+        image=image_png, mask=mask_png, timing_ms=answer.finish(encode_ms), batch_size=result.batch_size,
+    )

@@ -1,0 +1,107 @@
+"""Response bodies of the HTTP API (DESIGN 6); the OpenAPI document at /docs is generated from them."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Prediction(BaseModel):
+    """One of the top-5 classes."""
+
+    index: int = Field(description="class index in the model's label list (ImageNet for the zoo models)")
+    label: str = Field(description="class name")
+    score: float = Field(description="softmax probability", ge=0, le=1)
+
+
+class ErrorResponse(BaseModel):
+    """Every error: what went wrong and what to change."""
+
+    detail: str = Field(examples=["lambda: must be a number from 0 to 10, got 11"])
+
+
+class _Answer(BaseModel):
+    model: str = Field(description="the model that answered")
+    weights: str = Field(description="'pretrained', or 'random' on development servers")
+    timing_ms: dict[str, float] = Field(
+        description="milliseconds: decode, queue, pass1, defense, pass2 (the batch's), encode, total")
+    batch_size: int = Field(description="how many requests shared the model passes with this one", ge=1)
+
+
+class ClassifyResponse(_Answer):
+    """``POST /classify``."""
+
+    predictions: list[Prediction] = Field(description="top-5 on the uploaded image")
+
+
+class DefendResponse(_Answer):
+    """``POST /defend/{method}``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    method: str = Field(description="the defence applied")
+    lam: float | None = Field(alias="lambda", description="smoothing factor used (null when the method has none)")
+    threshold: float | None = Field(description="gradient block threshold used (null when the method has none)")
+    predictions: list[Prediction] = Field(description="top-5 on the defended image")
+    original_predictions: list[Prediction] = Field(description="top-5 on the uploaded image")
+    image: str = Field(description="the defended image: base64 PNG, RGB, input_size x input_size")
+    mask: str = Field(description="the applied suppression mask: base64 PNG, 8-bit gray (255 = fully smoothed)")
+
+
+class SaliencyResponse(_Answer):
+    """``POST /saliency``."""
+
+    predictions: list[Prediction] = Field(description="top-5 on the uploaded image")
+    saliency: str = Field(description="S = max over channels of |dL/dx| for the top-5 loss, min-max scaled: base64 PNG")
+    region: str = Field(description="the SLGS saliency region D (255 inside): base64 PNG")
+
+
+class ModelInfo(BaseModel):
+    """A loaded model."""
+
+    name: str
+    summary: str
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    default_lambda: float
+    weights_source: str
+    weights: str = Field(description="'pretrained' or 'random'")
+    device: str
+    max_batch_size: int
+    default: bool = Field(description="whether requests without ?model= go to this model")
+
+
+class ModelsResponse(BaseModel):
+    """``GET /models``."""
+
+    default: str = Field(description="the model used when a request names none")
+    models: list[ModelInfo] = Field(description="loaded models, resident in memory")
+    available: list[str] = Field(description="all zoo models (start the server with ELGS_MODELS to load others)")
+
+
+class ParameterRange(BaseModel):
+    minimum: float
+    maximum: float
+    default: float | str
+
+
+class DefenseInfo(BaseModel):
+    """A registered defence and its parameters."""
+
+    name: str
+    summary: str
+    needs_saliency: bool
+    parameters: dict[str, ParameterRange]
+
+
+class DefensesResponse(BaseModel):
+    """``GET /defenses``."""
+
+    defenses: list[DefenseInfo]
+
+
+class HealthResponse(BaseModel):
+    """``GET /health/live`` and ``GET /health/ready`` when healthy."""
+
+    status: str = Field(examples=["ready"])
+    models: list[str] = Field(default_factory=list, description="models loaded (and warmed up, for /ready)")

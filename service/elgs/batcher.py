@@ -1,0 +1,360 @@
+"""Asyncio micro-batcher in front of the engine (DESIGN 4).
+
+One :class:`Batcher` per model. Callers ``await batcher.submit(request)`` from the event loop; the
+batcher queues the request, closes a batch when it holds ``max_batch_size`` requests or
+``max_wait_ms`` after its first request arrived, runs :meth:`elgs.engine.Engine.run` in its own
+worker thread (so the event loop stays free) and resolves one future per request.
+
+Guarantees:
+    * result ``i`` is the engine's result for request ``i`` (the engine computes every image on its own);
+    * the queue is bounded: a full queue raises :class:`QueueFullError` at once;
+    * each request has a deadline (:class:`DeadlineExceededError`); requests whose caller went away
+      (the awaiting task was cancelled, e.g. on client disconnect) or whose deadline passed are
+      dropped before compute;
+    * a failing batch fails only the requests that cause the failure: on an error the samples are
+      retried one by one, on CUDA out-of-memory the batch is split in halves;
+    * the worker survives any exception raised by a batch or by a metrics hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from elgs.engine import Engine, Request, Result
+
+logger = logging.getLogger(__name__)
+
+
+class BatcherError(RuntimeError):
+    """Base class of the batcher's own errors."""
+
+
+class QueueFullError(BatcherError):
+    """The model's queue holds ``max_queue`` requests; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, model: str, max_queue: int, retry_after_s: int) -> None:
+        super().__init__(f"the queue of model {model!r} is full ({max_queue} requests waiting); "
+                         f"retry in {retry_after_s} s")
+        self.model = model
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(BatcherError, TimeoutError):
+    """The request was not answered before its deadline."""
+
+
+class BatcherClosedError(BatcherError):
+    """The batcher is shut down (or not started) and accepts no requests."""
+
+
+class BatcherHooks:
+    """Observation points of a :class:`Batcher`; the default does nothing.
+
+    Subclass and override what you need (the API's Prometheus metrics do). ``model_pass`` runs in
+    the worker thread, the others in the event loop. Exceptions raised by hooks are logged and ignored.
+    """
+
+    def queue_wait(self, model: str, seconds: float) -> None:
+        """A request left the queue for compute after waiting ``seconds``."""
+
+    def batch(self, model: str, size: int) -> None:
+        """A batch of ``size`` live requests closed and goes to compute."""
+
+    def queue_depth(self, model: str, depth: int) -> None:
+        """The number of queued (not yet computing) requests changed to ``depth``."""
+
+    def model_pass(self, model: str, seconds: float, size: int) -> None:
+        """One ``Engine.run`` call of ``size`` requests took ``seconds`` (each retry counts)."""
+
+    def dropped(self, model: str, reason: str) -> None:
+        """A queued request was dropped before compute; ``reason`` is ``cancelled`` or ``deadline``."""
+
+
+@dataclass(eq=False)
+class _Item:
+    request: Request
+    future: asyncio.Future
+    enqueued: float  # loop.time()
+    deadline: float  # loop.time()
+
+
+@dataclass
+class _BatchTrace:
+    """Exponential average of the batch compute time, for ``Retry-After``."""
+
+    seconds: float = 1.0
+    weight: float = 0.2
+    samples: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.seconds = seconds if self.samples == 0 else (1 - self.weight) * self.seconds + self.weight * seconds
+        self.samples += 1
+
+
+class Batcher:
+    """Queue, batch and run requests for one model.
+
+    Args:
+        engine: the engine of the model; ``engine.run`` is only ever called from the worker thread.
+        max_batch_size: a batch closes when it holds this many requests.
+        max_wait_ms: ... or this long after its first request was queued.
+        max_queue: most requests waiting (not computing) at once; more raise :class:`QueueFullError`.
+        request_timeout_s: default time from ``submit`` to the answer before :class:`DeadlineExceededError`.
+        hooks: observers of queue and batch events (metrics).
+
+    Example:
+        >>> batcher = Batcher(Engine(model), max_batch_size=4, max_wait_ms=5)
+        >>> await batcher.start()
+        >>> result = await batcher.submit(Request(image=x, task="defend", method="slgs", lam=3.5))
+        >>> await batcher.close()
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_size: int = 4,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        request_timeout_s: float = 30.0,
+        hooks: Iterable[BatcherHooks] = (),
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if not request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self.hooks: list[BatcherHooks] = list(hooks)
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._trace = _BatchTrace()
+        self._closed = False
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model.name
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting in the queue (not counting the batch being computed)."""
+        return len(self._pending)
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    # Life cycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the worker task and its compute thread (idempotent)."""
+        if self._closed:
+            raise BatcherClosedError(f"the batcher of model {self.model_name!r} is closed")
+        if self.running:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"elgs-{self.model_name}")
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"elgs-batcher-{self.model_name}")
+
+    async def warm_up(self, requests: Sequence[Request]) -> list[Result]:
+        """Run ``requests`` as one batch in the worker thread, outside the queue and the metrics."""
+        if self._executor is None:
+            raise BatcherClosedError(f"the batcher of model {self.model_name!r} is not started")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.engine.run, list(requests))
+
+    async def close(self) -> None:
+        """Stop the worker; queued requests fail with :class:`BatcherClosedError`.
+
+        Waits for the batch being computed, if any, to finish in its thread.
+        """
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(BatcherClosedError(f"model {self.model_name!r} is shutting down"))
+        self._notify("queue_depth", 0)
+        if self._executor is not None:
+            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+            self._executor = None
+
+    # Submission ---------------------------------------------------------------------------------
+
+    def retry_after_s(self) -> int:
+        """Seconds a rejected client should wait: the time to drain the current queue (at least 1)."""
+        batches = math.ceil((len(self._pending) + 1) / self.max_batch_size)
+        return max(1, math.ceil(batches * self._trace.seconds))
+
+    def check_capacity(self) -> None:
+        """Raise now what :meth:`submit` would raise for lack of room, so callers can skip work first.
+
+        Raises:
+            BatcherClosedError: not started or closed.
+            QueueFullError: ``max_queue`` requests are waiting.
+        """
+        if self._closed or not self.running:
+            raise BatcherClosedError(f"model {self.model_name!r} is not accepting requests (shutting down)")
+        if len(self._pending) >= self.max_queue:
+            raise QueueFullError(self.model_name, self.max_queue, self.retry_after_s())
+
+    async def submit(self, request: Request, *, deadline: float | None = None) -> Result:
+        """Queue ``request`` and wait for its result.
+
+        Args:
+            request: what to compute; validated by :meth:`Engine.resolve` before it is queued.
+            deadline: absolute ``time.monotonic()`` by which the answer is due
+                (default: now + ``request_timeout_s``).
+
+        Raises:
+            UnknownMethodError, InvalidParameterError: the request is invalid (nothing is queued).
+            QueueFullError: the queue is full.
+            DeadlineExceededError: no answer before the deadline.
+            BatcherClosedError: the batcher is not running.
+            Exception: whatever the engine raised for this request alone.
+        """
+        request = self.engine.resolve(request)
+        self.check_capacity()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        timeout = self.request_timeout_s if deadline is None else deadline - time.monotonic()
+        item = _Item(request=request, future=loop.create_future(), enqueued=now, deadline=now + timeout)
+        self._pending.append(item)
+        self._arrived.set()
+        self._notify("queue_depth", len(self._pending))
+        try:
+            return await asyncio.wait_for(item.future, timeout=max(timeout, 0.0))
+        except TimeoutError:
+            self._discard(item, "deadline")
+            raise DeadlineExceededError(
+                f"no answer within {timeout:.3g} s ({len(self._pending)} requests still queued for model "
+                f"{self.model_name!r}); retry later or raise ELGS_REQUEST_TIMEOUT_S"
+            ) from None
+        except asyncio.CancelledError:
+            self._discard(item, "cancelled")
+            raise
+
+    def _discard(self, item: _Item, reason: str) -> None:
+        """Take a request whose caller stopped waiting out of the queue, if it is still there."""
+        try:
+            self._pending.remove(item)
+        except ValueError:
+            return  # already in a batch: its result will be ignored
+        self._notify("dropped", reason)
+        self._notify("queue_depth", len(self._pending))
+
+    # Worker -------------------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            try:
+                await self._run(batch)
+            except asyncio.CancelledError:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(BatcherClosedError(f"model {self.model_name!r} is shutting down"))
+                raise
+            except Exception as error:  # the worker must outlive any batch
+                logger.exception("batch of model %r failed", self.model_name)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+
+    async def _next_batch(self) -> list[_Item]:
+        """Wait for a non-empty batch of live requests, closed by size or by ``max_wait_ms``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            close_at = self._pending[0].enqueued + self.max_wait_s
+            while self._pending and len(self._pending) < self.max_batch_size:
+                remaining = close_at - loop.time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+            taken = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+            self._notify("queue_depth", len(self._pending))
+            now = loop.time()
+            batch = []
+            for item in taken:
+                if item.future.done():
+                    continue
+                if now >= item.deadline:
+                    item.future.set_exception(DeadlineExceededError(
+                        f"the deadline passed while queued for model {self.model_name!r}"))
+                    self._notify("dropped", "deadline")
+                    continue
+                self._notify("queue_wait", now - item.enqueued)
+                batch.append(item)
+            if batch:
+                return batch
+
+    async def _run(self, batch: list[_Item]) -> None:
+        self._notify("batch", len(batch))
+        started = time.perf_counter()
+        outcomes = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._compute, [item.request for item in batch])
+        self._trace.add(time.perf_counter() - started)
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if item.future.done():  # cancelled or timed out during compute
+                continue
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+
+    def _compute(self, requests: list[Request]) -> list[Result | BaseException]:
+        """Run ``requests`` in the worker thread; one outcome per request, never raises."""
+        started = time.perf_counter()
+        try:
+            results = self.engine.run(requests)
+        except torch.cuda.OutOfMemoryError as error:
+            if len(requests) == 1:
+                return [error]
+            logger.warning("CUDA out of memory on a batch of %d for %r; splitting it", len(requests), self.model_name)
+            torch.cuda.empty_cache()
+            half = len(requests) // 2
+            return self._compute(requests[:half]) + self._compute(requests[half:])
+        except Exception as error:
+            if len(requests) == 1:
+                return [error]
+            logger.warning("batch of %d for %r failed (%s); retrying one by one", len(requests), self.model_name, error)
+            return [outcome for request in requests for outcome in self._compute([request])]
+        self._notify("model_pass", time.perf_counter() - started, len(requests))
+        return list(results)
+
+    def _notify(self, event: str, *args) -> None:
+        for hooks in self.hooks:
+            try:
+                getattr(hooks, event)(self.model_name, *args)
+            except Exception:
+                logger.exception("batcher hook %s.%s failed", type(hooks).__name__, event)

@@ -1,0 +1,171 @@
+"""Endpoints in-process (TestClient) with the tiny CNN: JSON shapes, PNG answers, auth, metrics, OpenAPI."""
+
+import base64
+import io
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from elgs.api import create_app
+from elgs.defenses import DEFENSES
+from tests.api.helpers import photo_png, tiny_settings
+from tests.conftest import make_tiny_model
+
+CAT = photo_png("chelsea")
+
+
+def _ready(client: TestClient) -> TestClient:
+    deadline = time.monotonic() + 10
+    while client.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, "never ready"
+        time.sleep(0.01)
+    return client
+
+
+@pytest.fixture
+def client():
+    with TestClient(create_app(tiny_settings(), models=[make_tiny_model()])) as client:
+        yield _ready(client)
+
+
+def _upload(data=CAT, name="chelsea.png", content_type="image/png"):
+    return {"image": (name, data, content_type)}
+
+
+def _png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_defend_json_has_both_top5_lists_image_mask_and_timing(client):
+    response = client.post("/defend/slgs", params={"lambda": 3.5, "threshold": 0.25}, files=_upload())
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"model", "weights", "method", "lambda", "threshold", "predictions", "original_predictions",
+                         "image", "mask", "timing_ms", "batch_size"}
+    assert (body["model"], body["weights"], body["method"]) == ("tiny", "random", "slgs")
+    assert (body["lambda"], body["threshold"]) == (3.5, 0.25)
+    for key in ("predictions", "original_predictions"):
+        assert len(body[key]) == 5 and set(body[key][0]) == {"index", "label", "score"}
+        assert body[key][0]["label"] == f"class_{body[key][0]['index']}"
+    image, mask = _png(body["image"]), _png(body["mask"])
+    assert (image.size, image.mode, mask.size, mask.mode) == ((32, 32), "RGB", (32, 32), "L")
+    assert body["batch_size"] == 1
+    assert {"decode", "queue", "pass1", "defense", "pass2", "encode", "total"} <= set(body["timing_ms"])
+
+
+def test_defend_uses_the_model_default_lambda_and_reports_none_for_baselines(client):
+    assert client.post("/defend/lgs", files=_upload()).json()["lambda"] == 3.5
+    body = client.post("/defend/median", files=_upload()).json()
+    assert body["lambda"] is None and body["threshold"] is None
+    assert _png(body["mask"]).getextrema() == (255, 255)  # whole-image filter: mask is all ones
+
+
+@pytest.mark.parametrize("kind", ["image", "mask"])
+def test_defend_response_png_is_the_same_as_in_json(client, kind):
+    as_json = client.post("/defend/wlgs", params={"lambda": 2.0}, files=_upload()).json()
+    response = client.post("/defend/wlgs", params={"lambda": 2.0, "response": kind}, files=_upload())
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.headers["x-elgs-model"] == "tiny" and response.headers["x-elgs-weights"] == "random"
+    assert response.content == base64.b64decode(as_json[kind])
+
+
+def test_classify_and_saliency(client):
+    classified = client.post("/classify", files=_upload()).json()
+    assert set(classified) == {"model", "weights", "predictions", "timing_ms", "batch_size"}
+    defended = client.post("/defend/none", files=_upload()).json()
+    assert classified["predictions"] == defended["original_predictions"] == defended["predictions"]
+    saliency = client.post("/saliency", files=_upload()).json()
+    assert saliency["predictions"] == classified["predictions"]
+    region = _png(saliency["region"])
+    assert region.size == (32, 32) and set(np.unique(np.asarray(region)).tolist()) <= {0, 255}
+    assert _png(saliency["saliency"]).getextrema() == (0, 255)  # scaled for display
+
+
+def test_models_and_defenses_list_defaults_and_ranges(client):
+    models = client.get("/models").json()
+    assert models["default"] == "tiny" and models["available"] == ["vgg16", "inception_v3", "efficientnet_lite0"]
+    (tiny,) = models["models"]
+    summary = (tiny["input_size"], tiny["default_lambda"], tiny["weights"], tiny["max_batch_size"])
+    assert summary == (32, 3.5, "random", 4)
+    defenses = {d["name"]: d for d in client.get("/defenses").json()["defenses"]}
+    assert list(defenses) == list(DEFENSES)
+    assert defenses["slgs"]["parameters"]["lambda"] == {"minimum": 0.0, "maximum": 10.0, "default": "per model"}
+    assert defenses["slgs"]["needs_saliency"] and defenses["jpeg"]["parameters"] == {}
+
+
+def test_health_and_readiness(client):
+    assert client.get("/health/live").json() == {"status": "alive", "models": []}
+    assert client.get("/health/ready").json() == {"status": "ready", "models": ["tiny"]}
+
+
+def test_ready_is_503_until_warm_up_is_done():
+    app = create_app(tiny_settings(warmup=False), models=[make_tiny_model()])
+    with TestClient(app) as client:
+        assert client.get("/health/ready").status_code == 200
+        app.state.service.runtimes["tiny"].ready = False
+        response = client.get("/health/ready")
+        assert response.status_code == 503 and response.json() == {"detail": "not ready: warming up tiny"}
+
+
+def test_api_key_guards_everything_but_health_and_metrics():
+    app = create_app(tiny_settings(api_key="s3cret"), models=[make_tiny_model()])
+    with TestClient(app) as client:
+        _ready(client)
+        calls = [("post", "/defend/lgs", {"files": _upload()}), ("post", "/classify", {"files": _upload()}),
+                 ("post", "/saliency", {"files": _upload()}), ("get", "/models", {}), ("get", "/defenses", {})]
+        for method, path, kwargs in calls:
+            missing = getattr(client, method)(path, **kwargs)
+            assert missing.status_code == 401 and "missing API key" in missing.json()["detail"], path
+            assert missing.headers["www-authenticate"] == "Bearer"
+            wrong = getattr(client, method)(path, headers={"Authorization": "Bearer s3creT"}, **kwargs)
+            assert wrong.status_code == 401
+            assert wrong.json() == {"detail": "wrong API key in 'Authorization: Bearer <key>'"}
+            right = getattr(client, method)(path, headers={"Authorization": "Bearer s3cret"}, **kwargs)
+            assert right.status_code == 200, path
+        for path in ("/health/live", "/health/ready", "/metrics", "/"):
+            assert client.get(path).status_code == 200, path
+
+
+def test_metrics_are_per_app_and_count_requests_batches_and_queue(client):
+    client.post("/defend/slgs", files=_upload())
+    client.post("/defend/nope", files=_upload())
+    with TestClient(create_app(tiny_settings(), models=[make_tiny_model()])) as other:  # its own registry
+        assert 'endpoint="/defend/slgs"' not in other.get("/metrics").text
+    text = client.get("/metrics").text
+    assert 'elgs_requests_total{endpoint="/defend/slgs",method="POST",status="200"} 1.0' in text
+    assert 'elgs_requests_total{endpoint="/defend/{method}",method="POST",status="404"} 1.0' in text
+    assert 'elgs_batch_size_count{model="tiny"} 1.0' in text
+    assert 'elgs_queue_wait_seconds_count{model="tiny"} 1.0' in text
+    assert 'elgs_model_pass_seconds_count{model="tiny"} 1.0' in text
+    assert 'elgs_queue_depth{model="tiny"} 0.0' in text
+    assert 'elgs_request_latency_seconds_count{endpoint="/defend/slgs"} 1.0' in text
+
+
+def test_openapi_documents_parameters_ranges_and_errors(client):
+    spec = client.get("/openapi.json").json()
+    defend = spec["paths"]["/defend/{method}"]["post"]
+    parameters = {p["name"]: p for p in defend["parameters"]}
+    assert set(parameters) == {"method", "model", "lambda", "threshold", "response"}
+    assert all(p.get("description") for p in parameters.values())
+    lam = parameters["lambda"]["schema"]["anyOf"][0]
+    assert (lam["minimum"], lam["maximum"]) == (0.0, 10.0)
+    assert {"200", "400", "401", "404", "413", "415", "422", "503", "504"} <= set(defend["responses"])
+    assert "image/png" in defend["responses"]["200"]["content"]
+    assert "slgs" in parameters["method"]["description"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_web_page_and_its_assets_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="image"' in page.text and "static/app.js" in page.text
+    script = client.get("/static/app.js")
+    assert script.status_code == 200 and "defend/" in script.text
+
+
+def test_unknown_route_and_method_use_the_detail_body(client):
+    assert client.get("/nope").json() == {"detail": "Not Found"}
+    assert client.get("/classify").status_code == 405
