@@ -1,0 +1,95 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, TypeVar
+
+import httpx
+
+from elgs_client._base import BaseClient, Call
+from elgs_client._images import ImageInput
+from elgs_client.types import ClassifyResult, DefendResult, DefenseInfo, Health, ModelInfo, SaliencyResult
+
+T = TypeVar("T")
+
+
+class Client(BaseClient):
+    """Blocking client of the elgs service.
+
+    >>> with Client("http://localhost:8000") as client:      # doctest: +SKIP
+    ...     result = client.defend("photo.jpg", method="slgs", lam=3.5)
+    ...     print(result.top1.label); result.save("out")
+
+    Args:
+        base_url, api_key, timeout, max_retries, backoff, max_backoff, headers: see
+            :class:`~elgs_client._base.BaseClient`.
+        http_client: an :class:`httpx.Client` to send through (proxies, custom transports, a test
+            client); it is not closed by :meth:`close`.
+    """
+
+    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, *,
+                 http_client: Optional[httpx.Client] = None, **options: Any) -> None:
+        super().__init__(base_url, api_key, **options)
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.Client()
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _send(self, call: Call[T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                response = self._http.send(self._build_request(self._http, call))
+            except httpx.TransportError as error:
+                delay = self._error_delay(error, attempt)
+                if delay is None:
+                    raise self._connection_error(call, error) from error
+            else:
+                delay = self._retry_delay(call, response, attempt)
+                if delay is None:
+                    return self._finish(call, response)
+                response.close()
+            time.sleep(delay)
+            attempt += 1
+
+    def classify(self, image: ImageInput, *, model: Optional[str] = None) -> ClassifyResult:
+        """Top-5 classes of ``image`` (a path, bytes, a binary file or a PIL image)."""
+        return self._send(self._classify_call(image, model))
+
+    def defend(self, image: ImageInput, method: str = "slgs", lam: Optional[float] = None,
+               threshold: Optional[float] = None, model: Optional[str] = None) -> DefendResult:
+        """Defend ``image`` with ``method`` (lgs, slgs, wlgs, jpeg, median, gaussian, none).
+
+        Args:
+            image: a path, bytes, a binary file object or a PIL image.
+            method: the defence.
+            lam: smoothing factor in [0, 10]; None takes the model's default.
+            threshold: gradient-map block threshold in [0, 1]; None takes 0.2.
+            model: a loaded model's name; None takes the server's first.
+        """
+        return self._send(self._defend_call(image, method, lam, threshold, model))
+
+    def saliency(self, image: ImageInput, *, model: Optional[str] = None) -> SaliencyResult:
+        """Saliency map and SLGS region of ``image``."""
+        return self._send(self._saliency_call(image, model))
+
+    def models(self) -> list[ModelInfo]:
+        """The models the server has loaded."""
+        return self._send(self._models_call())
+
+    def defenses(self) -> list[DefenseInfo]:
+        """The defences the server offers, with their parameters."""
+        return self._send(self._defenses_call())
+
+    def health(self, ready: bool = True) -> Health:
+        """``/health/ready`` (default) or ``/health/live``; ``Health.ready`` is False while warming up."""
+        return self._send(self._health_call(ready))

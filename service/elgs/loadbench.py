@@ -1,0 +1,520 @@
+"""Service load benchmark (DESIGN 8): HTTP throughput and latency against the engine's own ceiling.
+
+An asyncio load generator keeps ``concurrency`` requests in flight against ``POST /defend/{method}``
+for a fixed time per level and records each request's latency. By default it starts the servers
+itself on 127.0.0.1 (``elgs serve`` in a subprocess), once with the server's own batching
+(``max_batch_size`` default) and once with ``ELGS_MAX_BATCH_SIZE=1``, and measures the engine
+alone, in this process while no server runs, on the same images.
+
+What "the same images" means here: scikit-image photographs resized to the model's input size and
+uploaded as PNG. The engine ceiling runs :meth:`elgs.engine.Engine.run` on batches of those images
+already decoded to tensors, so the HTTP/engine ratio is the price of the service layer (upload,
+decode, queueing, PNG and base64 encoding of the two result images, JSON) and of sharing the CPUs
+with the load generator.
+
+Run ``python benchmarks/load.py`` or ``elgs bench service`` (same arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+if TYPE_CHECKING:
+    from elgs.models import LoadedModel
+
+CONCURRENCY_LEVELS = (1, 2, 4, 8, 16, 32)
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "cat")
+RATIO_CONCURRENCY = 8
+
+
+@dataclass
+class LevelResult:
+    """One concurrency level against one server: requests that succeeded, per-second and latency figures."""
+
+    mode: str
+    concurrency: int
+    requests: int
+    errors: int
+    duration_s: float
+    throughput: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_batch_size: float
+    error_statuses: dict[str, int] = field(default_factory=dict)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``values`` with linear interpolation; NaN when empty."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q}")
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def sample_uploads(size: int, count: int = len(PHOTOS)) -> list[bytes]:
+    """``count`` scikit-image photographs resized to ``size x size`` and encoded as PNG."""
+    from PIL import Image
+
+    from elgs.images import sample_photo
+
+    uploads = []
+    for index in range(count):
+        photo = sample_photo(PHOTOS[index % len(PHOTOS)]).resize((size, size), Image.Resampling.BILINEAR)
+        buffer = io.BytesIO()
+        photo.save(buffer, format="PNG")
+        uploads.append(buffer.getvalue())
+    return uploads
+
+
+async def run_level(url: str, uploads: Sequence[bytes], *, concurrency: int, duration_s: float,
+                    method: str = "slgs", mode: str = "http", api_key: str | None = None,
+                    model: str | None = None, warmup_requests: int | None = None) -> LevelResult:
+    """Keep ``concurrency`` requests in flight for ``duration_s`` seconds and summarise them.
+
+    Each worker first sends ``warmup_requests`` (default one) unrecorded requests, so connection
+    set-up is not measured; then all workers start the measured window together.
+    """
+    if concurrency < 1 or duration_s <= 0 or not uploads:
+        raise ValueError(f"need concurrency >= 1, duration_s > 0 and uploads, got {concurrency}, {duration_s}, "
+                         f"{len(uploads)} uploads")
+    headers = _auth_headers(api_key)
+    params = {"model": model} if model else {}
+    endpoint = f"{url.rstrip('/')}/defend/{method}"
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    error_statuses: dict[str, int] = {}
+    warmup_requests = 1 if warmup_requests is None else warmup_requests
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120.0), headers=headers) as client:
+        async def send(index: int) -> tuple[float, httpx.Response | None, str | None]:
+            upload = uploads[index % len(uploads)]
+            started = time.perf_counter()
+            try:
+                response = await client.post(endpoint, params=params,
+                                             files={"image": (f"{index}.png", upload, "image/png")})
+            except httpx.HTTPError as error:
+                return time.perf_counter() - started, None, type(error).__name__
+            return time.perf_counter() - started, response, None
+
+        for round_index in range(warmup_requests):
+            await asyncio.gather(*(send(round_index * concurrency + w) for w in range(concurrency)))
+
+        async def worker(worker_index: int, deadline: float) -> None:
+            sent = 0
+            while time.perf_counter() < deadline:
+                latency, response, error = await send(worker_index + sent * concurrency)
+                sent += 1
+                if response is not None and response.status_code == 200:
+                    latencies.append(latency)
+                    batch_sizes.append(int(response.json().get("batch_size") or 1))
+                else:
+                    key = error or str(response.status_code)
+                    error_statuses[key] = error_statuses.get(key, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(w, started + duration_s) for w in range(concurrency)))
+        elapsed = time.perf_counter() - started
+
+    milliseconds = [latency * 1000 for latency in latencies]
+    return LevelResult(
+        mode=mode, concurrency=concurrency, requests=len(latencies), errors=sum(error_statuses.values()),
+        duration_s=elapsed, throughput=len(latencies) / elapsed,
+        p50_ms=percentile(milliseconds, 50), p95_ms=percentile(milliseconds, 95), p99_ms=percentile(milliseconds, 99),
+        mean_batch_size=sum(batch_sizes) / len(batch_sizes) if batch_sizes else math.nan,
+        error_statuses=error_statuses,
+    )
+
+
+def engine_throughput(model: str | LoadedModel, uploads: Sequence[bytes], *, batch_size: int, duration_s: float,
+                      method: str = "slgs", weights: str = "pretrained", device: str | None = None,
+                      input_size: int | None = None) -> dict:
+    """Images per second of :class:`~elgs.engine.Engine` alone on ``uploads``, in batches of ``batch_size``.
+
+    ``model`` is a zoo name (loaded with ``weights``, ``device``, ``input_size``) or a loaded model.
+    Images are decoded and converted once, outside the timing; two warm-up batches are not timed (the
+    first batch of a new shape builds the CPU kernels' caches).
+    """
+    import torch
+
+    from elgs.engine import Engine, Request
+    from elgs.images import image_to_tensor, open_image
+    from elgs.models import load_model
+
+    if isinstance(model, str):
+        model = load_model(model, weights=weights, device=device, input_size=input_size)
+    engine = Engine(model)
+    images = [image_to_tensor(open_image(upload), model.input_size) for upload in uploads]
+    requests = [Request(image=images[i % len(images)], task="defend", method=method) for i in range(batch_size)]
+    engine.run(requests), engine.run(requests)
+    processed, batches = 0, 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < duration_s:
+        engine.run(requests)
+        processed += batch_size
+        batches += 1
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    elapsed = time.perf_counter() - started
+    return {"batch_size": batch_size, "images": processed, "duration_s": elapsed, "throughput": processed / elapsed,
+            "batch_ms": elapsed / batches * 1000, "device": str(model.device), "weights": model.weights,
+            "threads": torch.get_num_threads()}
+
+
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def served_batch_size(url: str, model: str, api_key: str | None = None) -> int:
+    """The ``max_batch_size`` the server at ``url`` uses for ``model`` (from ``GET /models``)."""
+    response = httpx.get(f"{url.rstrip('/')}/models", headers=_auth_headers(api_key), timeout=10.0)
+    response.raise_for_status()
+    for entry in response.json()["models"]:
+        if entry["name"] == model:
+            return int(entry["max_batch_size"])
+    raise RuntimeError(f"the server at {url} has not loaded {model!r}")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen | None = None, timeout_s: float = 180.0) -> None:
+    """Poll ``/health/ready`` until it answers 200.
+
+    Raises:
+        RuntimeError: the server process exited or did not become ready within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with status {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server at {url} not ready after {timeout_s:.0f} s")
+
+
+@contextmanager
+def serve(model: str, *, weights: str = "pretrained", max_batch_sizes: Sequence[int | None] = (None,),
+          extra_env: dict[str, str] | None = None, log_dir: str | os.PathLike | None = None):
+    """Run one ``elgs serve --models MODEL`` per entry of ``max_batch_sizes`` (None: the server's default)
+    on 127.0.0.1 at free ports, in subprocesses started together; yields their URLs once all are ready.
+
+    Only one of them is measured at a time; an idle server takes no CPU.
+    """
+    processes: list[subprocess.Popen] = []
+    urls: list[str] = []
+    logs = []
+    try:
+        for index, max_batch_size in enumerate(max_batch_sizes):
+            port = free_port()
+            env = {**os.environ, "ELGS_WEIGHTS": weights, **(extra_env or {})}
+            if max_batch_size is not None:
+                env["ELGS_MAX_BATCH_SIZE"] = str(max_batch_size)
+            log = open(Path(log_dir) / f"server_{index}.log", "w") if log_dir else subprocess.DEVNULL  # noqa: SIM115
+            logs.append(log)
+            command = [sys.executable, "-m", "elgs", "serve", "--models", model, "--host", "127.0.0.1",
+                       "--port", str(port)]
+            processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url, process in zip(urls, processes):
+            wait_ready(url, process)
+        yield urls
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for log in logs:
+            if log is not subprocess.DEVNULL:
+                log.close()
+
+
+def format_table(levels: Sequence[LevelResult], engine: dict[str, dict] | None = None) -> str:
+    """A text table of ``levels``, then per mode the engine ceiling and the HTTP/engine ratio rounds."""
+    lines = [f"{'mode':<14} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6} {'errors':>6}"]
+    for level in levels:
+        lines.append(f"{level.mode:<14} {level.concurrency:>4} {level.throughput:>8.2f} {level.p50_ms:>8.1f} "
+                     f"{level.p95_ms:>8.1f} {level.p99_ms:>8.1f} {level.mean_batch_size:>6.2f} {level.errors:>6}")
+    for mode, ceiling in (engine or {}).items():
+        rounds = ", ".join(f"{r['http']:.2f}/{r['engine']:.2f}" for r in ceiling["rounds"])
+        lines.append(f"{mode}: engine alone, batch {ceiling['batch_size']}: {ceiling['throughput']:.2f} img/s; "
+                     f"HTTP/engine at concurrency {ceiling['concurrency']}: {ceiling['ratio']:.3f} "
+                     f"(median of {len(ceiling['rounds'])} interleaved rounds, req/s HTTP/engine: {rounds})")
+    return "\n".join(lines)
+
+
+def interleaved_ratio(url: str, uploads: Sequence[bytes], measure_engine: Callable[[], dict], *, duration_s: float,
+                      rounds: int = 3, concurrency: int = RATIO_CONCURRENCY, method: str = "slgs",
+                      api_key: str | None = None) -> dict:
+    """The engine's ceiling and HTTP/engine throughput at ``concurrency``, measured in alternating windows.
+
+    A shared machine's speed drifts over minutes, so each round calls ``measure_engine`` (the engine
+    alone, the server idle; it returns :func:`engine_throughput`'s dict) and then loads the server
+    at ``concurrency`` for ``duration_s``; the ratio is the median of the rounds'.
+    """
+    rows = []
+    for _ in range(rounds):
+        ceiling = measure_engine()
+        level = asyncio.run(run_level(url, uploads, concurrency=concurrency, duration_s=duration_s, method=method,
+                                      api_key=api_key))
+        rows.append({"engine": ceiling["throughput"], "http": level.throughput,
+                     "ratio": level.throughput / ceiling["throughput"], "batch_ms": ceiling["batch_ms"]})
+    return {"batch_size": ceiling["batch_size"], "concurrency": concurrency,
+            "throughput": statistics.median(r["engine"] for r in rows),
+            "http_throughput": statistics.median(r["http"] for r in rows),
+            "ratio": statistics.median(r["ratio"] for r in rows), "rounds": rows}
+
+
+def engine_throughput_in_subprocess(model: str, *, image_size: int, batch_size: int, duration_s: float,
+                                    method: str = "slgs", weights: str = "pretrained", device: str | None = None,
+                                    input_size: int | None = None, env: dict[str, str] | None = None) -> dict:
+    """:func:`engine_throughput` in a fresh Python process with the servers' environment.
+
+    Thread-pool settings such as ``OMP_WAIT_POLICY`` are read when torch loads, so measuring the engine
+    in its own process is the only way it runs under exactly the conditions the servers run under.
+    """
+    arguments = {"model": model, "image_size": image_size, "batch_size": batch_size, "duration_s": duration_s,
+                 "method": method, "weights": weights, "device": device, "input_size": input_size}
+    code = "import sys; from elgs.loadbench import _engine_process; _engine_process(sys.argv[1])"
+    completed = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env=env, capture_output=True,
+                               text=True, timeout=duration_s + 600)
+    if completed.returncode != 0:
+        raise RuntimeError(f"engine measurement failed ({completed.returncode}): {completed.stderr.strip()[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _engine_process(arguments_json: str) -> None:
+    arguments = json.loads(arguments_json)
+    uploads = sample_uploads(arguments.pop("image_size"))
+    print(json.dumps(engine_throughput(arguments.pop("model"), uploads, **arguments)), flush=True)
+
+
+def plot(levels: Sequence[LevelResult], engine: dict[str, dict] | None, path: str | os.PathLike,
+         title: str) -> None:
+    """Throughput and p50/p99 latency against concurrency, one line per mode, engine ceilings dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (throughput_axes, latency_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    modes = list(dict.fromkeys(level.mode for level in levels))
+    for index, mode in enumerate(modes):
+        rows = [level for level in levels if level.mode == mode]
+        colour = f"C{index}"
+        concurrency = [row.concurrency for row in rows]
+        throughput_axes.plot(concurrency, [row.throughput for row in rows], "o-", color=colour, label=f"HTTP, {mode}")
+        if engine and mode in engine:
+            throughput_axes.axhline(engine[mode]["throughput"], color=colour, linestyle="--",
+                                    label=f"engine alone, batch {engine[mode]['batch_size']}")
+        latency_axes.plot(concurrency, [row.p50_ms for row in rows], "o-", color=colour, label=f"p50, {mode}")
+        latency_axes.plot(concurrency, [row.p99_ms for row in rows], "s:", color=colour, label=f"p99, {mode}")
+    for axes, ylabel in ((throughput_axes, "defended images / s"), (latency_axes, "latency (ms)")):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(sorted({level.concurrency for level in levels}))
+        axes.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axes.set_xlabel("concurrent requests")
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    latency_axes.set_yscale("log")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "pretrained", method: str = "slgs",
+                          concurrency: Sequence[int] = CONCURRENCY_LEVELS, duration_s: float = 8.0,
+                          url: str | None = None, api_key: str | None = None, batched_max_batch_size: int | None = None,
+                          engine: bool = True, out_dir: str | os.PathLike = "benchmarks/results",
+                          device: str | None = None, input_size: int | None = None, ratio_rounds: int = 3,
+                          omp_wait_policy: str | None = "PASSIVE") -> dict:
+    """Benchmark the service; print the table, write ``service_load.json`` and ``service_load.png`` in ``out_dir``.
+
+    Args:
+        model, weights: what the servers load (``elgs serve --models MODEL``, ``ELGS_WEIGHTS``).
+        method: the defence requested (``/defend/{method}``).
+        concurrency: levels of concurrent requests.
+        duration_s: measured seconds per level.
+        url: benchmark this running server instead of starting two (mode ``external``); the engine
+            ceiling then runs on this machine.
+        api_key: sent as ``Authorization: Bearer``.
+        batched_max_batch_size: ``ELGS_MAX_BATCH_SIZE`` of the batching-on server; None keeps the
+            server's default (CPU 4, GPU 32).
+        engine: also measure the engine alone, in a fresh process with the servers' environment, at
+            each server's ``max_batch_size``, in ``ratio_rounds`` windows alternating with windows of
+            HTTP load at concurrency 8 (:func:`interleaved_ratio`).
+        omp_wait_policy: ``OMP_WAIT_POLICY`` for the servers and the engine; None inherits this
+            environment's. PASSIVE by default: with torch's default (spinning) OpenMP threads, a
+            2-core machine shared with the load generator, or anything else, slows the model passes
+            many times over (measured: 0.2 instead of 10 images/s), and the benchmark would measure
+            that contention instead of the service.
+        out_dir: where JSON and PNG go (created).
+        device: ``ELGS_DEVICE`` for the servers and the engine (default: CUDA when present).
+        input_size: ``ELGS_INPUT_SIZE`` for the servers and the engine (default: the model's).
+
+    Returns:
+        The JSON document written.
+    """
+    uploads_size = input_size or _input_size(model)
+    uploads = sample_uploads(uploads_size)
+    levels: list[LevelResult] = []
+    servers: dict[str, int] = {}  # mode -> the server's max_batch_size
+    ceilings: dict[str, dict] = {}
+    extra_env = {"ELGS_DEVICE": device} if device else {}
+    if input_size:
+        extra_env["ELGS_INPUT_SIZE"] = str(input_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if omp_wait_policy:
+        extra_env["OMP_WAIT_POLICY"] = omp_wait_policy
+    process_env = {**os.environ, "ELGS_WEIGHTS": weights, **extra_env}
+
+    def measure(server_url: str, mode: str) -> None:
+        servers[mode] = served_batch_size(server_url, model, api_key)
+        for level in concurrency:
+            result = asyncio.run(run_level(server_url, uploads, concurrency=level, duration_s=duration_s,
+                                           method=method, mode=mode, api_key=api_key))
+            levels.append(result)
+            print(f"  {mode:<14} concurrency {level:>3}: {result.throughput:7.2f} req/s, "
+                  f"p50 {result.p50_ms:7.1f} ms, p99 {result.p99_ms:7.1f} ms, errors {result.errors}", flush=True)
+        if engine:
+            def measure_engine() -> dict:
+                return engine_throughput_in_subprocess(
+                    model, image_size=uploads_size, batch_size=servers[mode], duration_s=duration_s, method=method,
+                    weights=weights, device=device, input_size=input_size, env=process_env)
+
+            ceilings[mode] = interleaved_ratio(server_url, uploads, measure_engine, duration_s=duration_s,
+                                               rounds=ratio_rounds, method=method, api_key=api_key)
+            print(f"  {mode:<14} engine alone {ceilings[mode]['throughput']:.2f} img/s, HTTP/engine at concurrency "
+                  f"{RATIO_CONCURRENCY}: {ceilings[mode]['ratio']:.3f}", flush=True)
+
+    if url:
+        measure(url, "external")
+    else:
+        modes = {"batching on": batched_max_batch_size, "batching off": 1}
+        print(f"starting two elgs serve --models {model}: max_batch_size "
+              f"{batched_max_batch_size or 'default'} (batching on) and 1 (batching off)", flush=True)
+        with serve(model, weights=weights, max_batch_sizes=list(modes.values()), extra_env=extra_env,
+                   log_dir=out_dir) as server_urls:
+            for mode, server_url in zip(modes, server_urls):
+                measure(server_url, mode)
+
+    import torch
+
+    document = {
+        "model": model, "weights": weights, "method": method, "image_size": uploads_size, "duration_s": duration_s,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "servers": servers,
+        "omp_wait_policy": process_env.get("OMP_WAIT_POLICY"), "load_average": os.getloadavg(),
+        "engine": ceilings, "levels": [asdict(level) for level in levels],
+        "http_engine_ratio_at_8": {mode: ceiling["ratio"] for mode, ceiling in ceilings.items()},
+    }
+    (out_dir / "service_load.json").write_text(json.dumps(document, indent=2))
+    plot(levels, ceilings, out_dir / "service_load.png",
+         f"{model} ({weights}), /defend/{method}, {os.cpu_count()} CPUs")
+    print(format_table(levels, ceilings))
+    print(f"wrote {out_dir / 'service_load.json'} and {out_dir / 'service_load.png'}")
+    return document
+
+
+def _input_size(model: str) -> int:
+    from elgs.models import get_model_spec
+
+    return get_model_spec(model).input_size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options, shared by ``benchmarks/load.py`` and ``elgs bench service``."""
+    parser.add_argument("--model", default="efficientnet_lite0", help="model the servers load (default efficientnet_lite0)")
+    parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"])
+    parser.add_argument("--method", default="slgs", help="defence to request (default slgs)")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY_LEVELS)),
+                        help="comma list of concurrency levels (default 1,2,4,8,16,32)")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per level (default 8)")
+    parser.add_argument("--url", default=None, help="benchmark this running server instead of starting two")
+    parser.add_argument("--api-key", default=os.environ.get("ELGS_API_KEY"), help="default $ELGS_API_KEY")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="max_batch_size of the batching-on server (default: the server's)")
+    parser.add_argument("--no-engine", dest="engine", action="store_false", help="skip the engine-alone ceiling")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE",
+                        help="OMP_WAIT_POLICY of servers and engine ('' inherits; default PASSIVE, see the docstring)")
+    parser.add_argument("--ratio-rounds", type=int, default=3,
+                        help="alternating engine / HTTP windows for the ratio at concurrency 8 (default 3)")
+    parser.add_argument("--device", default=None, help="ELGS_DEVICE for servers and engine")
+    parser.add_argument("--input-size", type=int, default=None, help="ELGS_INPUT_SIZE for servers and engine")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for service_load.json / .png")
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed :func:`add_arguments` options."""
+    try:
+        levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        from elgs.cli import CommandError
+
+        raise CommandError(f"--concurrency must be a comma list of positive integers, got {args.concurrency!r}")
+    run_service_benchmark(model=args.model, weights=args.weights, method=args.method, concurrency=levels,
+                          duration_s=args.duration, url=args.url, api_key=args.api_key,
+                          batched_max_batch_size=args.max_batch_size, engine=args.engine, out_dir=args.out,
+                          device=args.device, input_size=args.input_size, ratio_rounds=args.ratio_rounds,
+                          omp_wait_policy=args.omp_wait_policy or None)
+    return 0
+
+
+def add_bench_service(bench_subparsers) -> None:
+    """Register ``elgs bench service`` in the ``bench`` group's sub-parsers (called from elgs.commands)."""
+    parser = bench_subparsers.add_parser(
+        "service", help="HTTP throughput and latency vs concurrency, batching on/off, engine ceiling",
+        description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.set_defaults(handler=handle)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/load.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    from elgs.cli import CommandError
+
+    try:
+        return handle(args)
+    except CommandError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

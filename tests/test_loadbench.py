@@ -1,0 +1,134 @@
+"""The service load benchmark: its statistics, its load generator against a real server, and one
+short end-to-end run that starts its own two servers (EfficientNet-Lite0, random weights, 64 px)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+
+from elgs.loadbench import (
+    LevelResult,
+    engine_throughput,
+    engine_throughput_in_subprocess,
+    format_table,
+    interleaved_ratio,
+    main,
+    percentile,
+    run_level,
+    sample_uploads,
+)
+from tests.client.servers import live_tiny_server
+from tests.conftest import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def live_server():
+    """A real uvicorn on 127.0.0.1 serving the tiny CNN."""
+    with live_tiny_server() as server:
+        yield server
+
+
+def test_percentile_by_hand():
+    assert percentile([4, 1, 3, 2], 50) == 2.5
+    assert percentile([4, 1, 3, 2], 0) == 1 and percentile([4, 1, 3, 2], 100) == 4
+    assert percentile([10, 20], 95) == pytest.approx(19.5)
+    assert percentile([7], 99) == 7
+    assert math.isnan(percentile([], 50))
+    with pytest.raises(ValueError, match="101"):
+        percentile([1], 101)
+
+
+def _level(mode: str, concurrency: int, throughput: float) -> LevelResult:
+    return LevelResult(mode=mode, concurrency=concurrency, requests=10, errors=0, duration_s=1.0,
+                       throughput=throughput, p50_ms=10.0, p95_ms=20.0, p99_ms=30.0, mean_batch_size=2.0)
+
+
+def test_table_lists_levels_then_each_modes_ceiling_and_ratio():
+    levels = [_level("batching on", 1, 5.0), _level("batching on", 8, 9.0), _level("batching off", 8, 4.0)]
+    engine = {"batching on": {"batch_size": 4, "throughput": 10.0, "concurrency": 8, "ratio": 0.9,
+                              "rounds": [{"http": 9.0, "engine": 10.0}]}}
+    lines = format_table(levels, engine).splitlines()
+    assert len(lines) == 1 + 3 + 1
+    assert lines[2].split()[:4] == ["batching", "on", "8", "9.00"]
+    assert "batch 4: 10.00 img/s" in lines[4] and "concurrency 8: 0.900" in lines[4] and "9.00/10.00" in lines[4]
+
+
+def test_interleaved_ratio_alternates_engine_and_http(live_server):
+    model = make_tiny_model()
+    model.module.calls = 0
+    uploads = sample_uploads(32, count=2)
+    result = interleaved_ratio(
+        live_server.url, uploads, lambda: engine_throughput(model, uploads, batch_size=2, duration_s=0.2, method="lgs"),
+        duration_s=0.2, rounds=3, concurrency=2, method="lgs")
+    assert (result["batch_size"], result["concurrency"], len(result["rounds"])) == (2, 2, 3)
+    for row in result["rounds"]:
+        assert row["ratio"] == pytest.approx(row["http"] / row["engine"]) and row["http"] > 0
+    assert result["ratio"] == sorted(row["ratio"] for row in result["rounds"])[1]
+    assert model.module.calls > 0  # the engine ran here, on the model given
+
+
+def test_load_generator_against_a_real_server(live_server):
+    uploads = sample_uploads(32, count=3)
+    result = asyncio.run(run_level(live_server.url, uploads, concurrency=3, duration_s=0.5, method="slgs"))
+    assert result.errors == 0 and result.requests >= 3
+    assert result.throughput == pytest.approx(result.requests / result.duration_s)
+    assert result.duration_s >= 0.5
+    assert 0 < result.p50_ms <= result.p95_ms <= result.p99_ms
+    assert 1 <= result.mean_batch_size <= 3
+    failing = asyncio.run(run_level(live_server.url, uploads, concurrency=1, duration_s=0.2, method="nope"))
+    assert failing.requests == 0 and failing.errors >= 1 and set(failing.error_statuses) == {"404"}
+    with pytest.raises(ValueError, match="concurrency"):
+        asyncio.run(run_level(live_server.url, uploads, concurrency=0, duration_s=1))
+
+
+def test_engine_throughput_counts_whole_batches():
+    model = make_tiny_model()
+    model.module.calls = 0
+    result = engine_throughput(model, sample_uploads(32, count=2), batch_size=3, duration_s=0.2, method="lgs")
+    assert result["batch_size"] == 3 and result["images"] % 3 == 0 and result["images"] >= 3
+    # Two passes per batch (lgs needs no saliency), the two warm-up batches included.
+    assert model.module.calls == 2 * (result["images"] // 3 + 2)
+    assert result["throughput"] == pytest.approx(result["images"] / result["duration_s"])
+
+
+def test_engine_measured_in_a_fresh_process_with_the_given_environment():
+    import os
+
+    result = engine_throughput_in_subprocess(
+        "efficientnet_lite0", image_size=32, batch_size=2, duration_s=0.1, method="lgs", weights="random",
+        device="cpu", input_size=32, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (result["batch_size"], result["weights"], result["device"], result["threads"]) == (2, "random", "cpu", 1)
+    assert result["images"] >= 2 and result["throughput"] > 0
+
+
+def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path):
+    # The engine ceiling is tested above on the tiny CNN; here it would only add two model loads.
+    exit_code = main(["--weights", "random", "--input-size", "64", "--concurrency", "1,2", "--duration", "0.3",
+                      "--method", "wlgs", "--no-engine", "--out", str(tmp_path)])
+    assert exit_code == 0
+    document = json.loads((tmp_path / "service_load.json").read_text())
+    assert document["servers"] == {"batching on": 4, "batching off": 1}
+    assert [(level["mode"], level["concurrency"]) for level in document["levels"]] == [
+        ("batching on", 1), ("batching on", 2), ("batching off", 1), ("batching off", 2)]
+    assert all(level["errors"] == 0 and level["requests"] > 0 for level in document["levels"])
+    assert all(level["mean_batch_size"] == 1 for level in document["levels"] if level["mode"] == "batching off")
+    assert document["engine"] == {} and document["http_engine_ratio_at_8"] == {}
+    assert (document["model"], document["weights"], document["image_size"]) == ("efficientnet_lite0", "random", 64)
+    assert (tmp_path / "service_load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["--concurrency", "0,x"]) == 2
+
+
+def test_registers_as_a_bench_action():
+    import argparse
+
+    from elgs.loadbench import add_bench_service, handle
+
+    parser = argparse.ArgumentParser(prog="elgs")
+    bench = parser.add_subparsers(dest="command").add_parser("bench")
+    add_bench_service(bench.add_subparsers(dest="bench_command"))
+    args = parser.parse_args(["bench", "service", "--concurrency", "1,8", "--url", "http://127.0.0.1:1", "--no-engine"])
+    assert args.handler is handle and (args.concurrency, args.url, args.engine) == ("1,8", "http://127.0.0.1:1", False)
+    assert (args.model, args.method, args.duration) == ("efficientnet_lite0", "slgs", 8.0)
