@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ async def test_full_queue_rejects_at_once(photos):
     gate.opened.clear()
     request = _requests(photos, 1)[0]
     running = [asyncio.ensure_future(batcher.submit(request))]
-    await asyncio.to_thread(gate.entered.wait, 5)  # the first request is computing
+    assert await asyncio.to_thread(gate.entered.wait, 30)  # the first request is computing
     running += [asyncio.ensure_future(batcher.submit(request)) for _ in range(2)]
     await asyncio.sleep(0)
     assert batcher.depth == 2
@@ -111,15 +112,16 @@ async def test_deadline_gives_timeout_and_expired_request_is_not_computed(photos
     gate.opened.clear()
     request = _requests(photos, 1)[0]
     first = asyncio.ensure_future(batcher.submit(request, deadline=None))
-    await asyncio.to_thread(gate.entered.wait, 5)
+    assert await asyncio.to_thread(gate.entered.wait, 30)
     with pytest.raises(DeadlineExceededError, match="no answer within"):
         await batcher.submit(request)  # queued behind the blocked batch until its deadline
     assert batcher.depth == 0 and recorder.dropped_reasons == ["deadline"]
     gate.opened.set()
     with pytest.raises(DeadlineExceededError):
         await first  # it was computing when its own deadline passed
-    await asyncio.sleep(0.05)
-    assert [size for size, _ in recorder.passes] == [1]  # only the first request reached the model
+    # A probe queued behind everything else: once it is answered, anything left in the queue has run.
+    await asyncio.wait_for(batcher.submit(request, deadline=time.monotonic() + 30), 30)
+    assert [size for size, _ in recorder.passes] == [1, 1]  # the first request and the probe, not the expired one
     await batcher.close()
 
 
@@ -131,7 +133,7 @@ async def test_cancelled_request_is_dropped_before_compute(photos):
     gate.opened.clear()
     requests = _requests(photos, 3)
     first = asyncio.ensure_future(batcher.submit(requests[0]))
-    await asyncio.to_thread(gate.entered.wait, 5)
+    assert await asyncio.to_thread(gate.entered.wait, 30)
     leaving = asyncio.ensure_future(batcher.submit(requests[1]))
     staying = asyncio.ensure_future(batcher.submit(requests[2]))
     await asyncio.sleep(0.01)
@@ -195,7 +197,7 @@ async def test_close_fails_queued_requests_and_refuses_new_ones(photos):
     gate.opened.clear()
     request = _requests(photos, 1)[0]
     computing = asyncio.ensure_future(batcher.submit(request))
-    await asyncio.to_thread(gate.entered.wait, 5)
+    assert await asyncio.to_thread(gate.entered.wait, 30)
     queued = asyncio.ensure_future(batcher.submit(request))
     await asyncio.sleep(0.01)
     closing = asyncio.ensure_future(batcher.close())

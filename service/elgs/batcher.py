@@ -188,10 +188,8 @@ class Batcher:
         self._closed = True
         if self._worker is not None:
             self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
+            # asyncio.wait, not `await worker`: a cancellation of close() itself must not be swallowed.
+            await asyncio.wait({self._worker})
             self._worker = None
         while self._pending:
             item = self._pending.popleft()

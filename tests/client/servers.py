@@ -42,7 +42,7 @@ def controlled_tiny_model() -> tuple[LoadedModel, ModelControl]:
 
     def controlled_forward(x):
         control.entered.set()
-        if not control.gate.wait(timeout=10):
+        if not control.gate.wait(timeout=30):
             raise RuntimeError("test gate never opened")
         if control.delay_s:
             time.sleep(control.delay_s)

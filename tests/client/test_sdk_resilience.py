@@ -24,7 +24,7 @@ from elgs_client._base import parse_retry_after
 from tests.client.servers import TEST_BASE_URL, async_client_for
 
 
-async def wait_until(condition, timeout_s: float = 5.0) -> None:
+async def wait_until(condition, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
@@ -50,7 +50,7 @@ async def test_queue_full_503_is_retried_after_retry_after(make_service, photo_p
         service.control.gate.clear()
         service.control.entered.clear()
         computing = asyncio.create_task(http.post("/classify", files={"image": ("a.png", photo_png, "image/png")}))
-        await asyncio.to_thread(service.control.entered.wait, 5)
+        assert await asyncio.to_thread(service.control.entered.wait, 30)
         queued = asyncio.create_task(http.post("/classify", files={"image": ("b.png", photo_png, "image/png")}))
         await wait_until(lambda: batcher_of().depth == 1)
         started = time.monotonic()
@@ -68,7 +68,7 @@ async def test_queue_full_without_retries_raises_with_retry_after(make_service, 
     async with async_client_for(service.app) as client:
         service.control.gate.clear()
         computing = asyncio.create_task(client.classify(photo_png))
-        await asyncio.to_thread(service.control.entered.wait, 5)
+        assert await asyncio.to_thread(service.control.entered.wait, 30)
         queued = asyncio.create_task(client.classify(photo_png))
         await wait_until(lambda: service.app.state.service.runtimes["tiny"].batcher.depth == 1)
         with pytest.raises(ServiceUnavailableError) as caught:

@@ -103,12 +103,19 @@ class BaseClient:
             ``max_backoff``. A 503's ``Retry-After`` replaces it when present.
         max_backoff: the cap of one retry delay, ``Retry-After`` included.
         headers: extra headers for every request.
+        http_client: an :class:`httpx.Client` (for :class:`~elgs_client.Client`) or
+            :class:`httpx.AsyncClient` (for :class:`~elgs_client.AsyncClient`) to send through (proxies,
+            custom transports, a test client); the SDK does not close it.
     """
+
+    # The httpx client class a subclass sends through when it is given none.
+    _http_client_class: type[Union[httpx.Client, httpx.AsyncClient]]
 
     def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, *,
                  timeout: Union[float, httpx.Timeout, None] = DEFAULT_TIMEOUT,
                  max_retries: int = DEFAULT_MAX_RETRIES, backoff: float = 0.5, max_backoff: float = 30.0,
-                 headers: Optional[Mapping[str, str]] = None) -> None:
+                 headers: Optional[Mapping[str, str]] = None,
+                 http_client: Union[httpx.Client, httpx.AsyncClient, None] = None) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if backoff < 0 or max_backoff < 0:
@@ -123,6 +130,8 @@ class BaseClient:
         if self.api_key:
             self.headers["Authorization"] = f"Bearer {self.api_key}"
         self.headers.update(headers or {})
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else self._http_client_class()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, api_key={'***' if self.api_key else None})"
@@ -159,9 +168,9 @@ class BaseClient:
 
     # Sending -----------------------------------------------------------------------------------
 
-    def _build_request(self, http: Union[httpx.Client, httpx.AsyncClient], call: Call) -> httpx.Request:
-        return http.build_request(call.method, self.base_url + call.path, params=call.params or None,
-                                  files=call.files, headers=self.headers, timeout=self.timeout)
+    def _build_request(self, call: Call) -> httpx.Request:
+        return self._http.build_request(call.method, self.base_url + call.path, params=call.params or None,
+                                        files=call.files, headers=self.headers, timeout=self.timeout)
 
     def _backoff_delay(self, attempt: int) -> float:
         delay = self.backoff * (2 ** attempt)
@@ -176,17 +185,19 @@ class BaseClient:
             return min(self.max_backoff, retry_after)
         return self._backoff_delay(attempt)
 
-    def _error_delay(self, error: Exception, attempt: int) -> Optional[float]:
-        """Seconds to wait before retrying after a transport ``error``, or None to give up."""
-        if not isinstance(error, RETRY_ERRORS) or attempt >= self.max_retries:
-            return None
-        return self._backoff_delay(attempt)
+    def _transport_error_delay(self, call: Call, error: httpx.TransportError, attempt: int) -> float:
+        """Seconds to wait before retrying after a transport ``error``.
 
-    def _connection_error(self, call: Call, error: Exception) -> APIConnectionError:
+        Raises:
+            APIConnectionError: (:class:`APITimeoutError` for a timeout) when the error is not worth
+                retrying or the retries are spent.
+        """
+        if isinstance(error, RETRY_ERRORS) and attempt < self.max_retries:
+            return self._backoff_delay(attempt)
         target = f"{call.method} {self.base_url}{call.path}"
         if isinstance(error, httpx.TimeoutException):
-            return APITimeoutError(f"{target}: timed out ({type(error).__name__}: {error})")
-        return APIConnectionError(f"{target}: {type(error).__name__}: {error}")
+            raise APITimeoutError(f"{target}: timed out ({type(error).__name__}: {error})") from error
+        raise APIConnectionError(f"{target}: {type(error).__name__}: {error}") from error
 
     def _finish(self, call: Call[T], response: httpx.Response) -> T:
         """Parse a final response, or raise the typed error for its status."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, TypeVar
+from typing import Optional, TypeVar
 
 import httpx
 
@@ -22,17 +22,12 @@ class Client(BaseClient):
     ...     print(result.top1.label); result.save("out")
 
     Args:
-        base_url, api_key, timeout, max_retries, backoff, max_backoff, headers: see
-            :class:`~elgs_client._base.BaseClient`.
-        http_client: an :class:`httpx.Client` to send through (proxies, custom transports, a test
-            client); it is not closed by :meth:`close`.
+        base_url, api_key, timeout, max_retries, backoff, max_backoff, headers, http_client: see
+            :class:`~elgs_client._base.BaseClient` (``http_client`` is an :class:`httpx.Client`).
     """
 
-    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, *,
-                 http_client: Optional[httpx.Client] = None, **options: Any) -> None:
-        super().__init__(base_url, api_key, **options)
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else httpx.Client()
+    _http_client_class = httpx.Client
+    _http: httpx.Client
 
     def close(self) -> None:
         if self._owns_http:
@@ -48,11 +43,9 @@ class Client(BaseClient):
         attempt = 0
         while True:
             try:
-                response = self._http.send(self._build_request(self._http, call))
+                response = self._http.send(self._build_request(call))
             except httpx.TransportError as error:
-                delay = self._error_delay(error, attempt)
-                if delay is None:
-                    raise self._connection_error(call, error) from error
+                delay = self._transport_error_delay(call, error, attempt)
             else:
                 delay = self._retry_delay(call, response, attempt)
                 if delay is None:

@@ -15,6 +15,7 @@ from fastapi import UploadFile
 from elgs.api.settings import Settings
 from elgs.api.state import ModelRuntime
 from elgs.api.uploads import read_image
+from elgs.defenses import minmax_normalize
 from elgs.engine import Prediction, Request, Result
 from elgs.images import encode_png
 
@@ -86,10 +87,8 @@ def predictions(items: list[Prediction] | None) -> list[dict]:
 
 
 def _scaled(tensor: torch.Tensor) -> torch.Tensor:
-    """Min-max scale to [0, 1] for display (zeros when constant)."""
-    tensor = tensor.float()
-    low, high = tensor.min(), tensor.max()
-    return (tensor - low) / (high - low) if high > low else torch.zeros_like(tensor)
+    """One image (any shape) min-max scaled to [0, 1] for display (zeros when constant)."""
+    return minmax_normalize(tensor.float().unsqueeze(0)).squeeze(0)
 
 
 def _png_base64(tensor: torch.Tensor) -> str:

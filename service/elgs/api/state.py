@@ -120,9 +120,6 @@ class ServiceState:
         """Cancel the warm-up, stop the batchers (queued requests get 503)."""
         if self._warmup is not None and not self._warmup.done():
             self._warmup.cancel()
-            try:
-                await self._warmup
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({self._warmup})  # unlike `await`, keeps a cancellation of close() itself
         for runtime in self.runtimes.values():
             await runtime.batcher.close()
