@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute sub-commands, in help order.
-COMMAND_MODULES = ("elgs.commands", "elgs.api.commands")
+COMMAND_MODULES = ("elgs.commands", "elgs.api.commands", "elgs.attacks.commands")
 
 
 class CommandError(Exception):

@@ -1,0 +1,242 @@
+"""CLI: ``elgs attack train``, ``elgs attack eval`` and ``elgs data samples``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from elgs.cli import CommandError
+from elgs.defenses import DEFENSES
+from elgs.models import MODELS
+
+DEFAULT_METHODS = "none,lgs,slgs,wlgs,jpeg,median,gaussian"
+DEFAULT_LAMBDAS = "2.3,2.7,3.5"
+
+
+def _load_model(name: str, weights: str, device: str | None, input_size: int | None):
+    from elgs.models import WeightsUnavailableError, load_model
+
+    try:
+        return load_model(name, weights=weights, device=device, input_size=input_size)
+    except (WeightsUnavailableError, ValueError, KeyError) as error:
+        raise CommandError(str(error)) from None
+
+
+def _model_arguments(parser: argparse.ArgumentParser, default: str | None = "efficientnet_lite0") -> None:
+    parser.add_argument("--model", default=default, choices=list(MODELS),
+                        help="zoo model" + (f" (default {default})" if default else " (default: the patch's)"))
+    parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"],
+                        help="'random' is for development only")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: $ELGS_DEVICE, else CUDA if present)")
+
+
+def _load_data(root: str, model, image_size: int):
+    from elgs.attacks.data import load_image_set
+
+    try:
+        return load_image_set(root, model, image_size)
+    except (FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from None
+
+
+def _training_data(dataset, in_memory_limit: int):
+    """Small sets are decoded once and kept in memory; large ones (ImageNet) stream from disk."""
+    from elgs.attacks.data import load_tensors
+
+    return load_tensors(dataset) if len(dataset) <= in_memory_limit else dataset
+
+
+def _attack_train(args: argparse.Namespace) -> int:
+    from elgs.attacks.data import resolve_target
+    from elgs.attacks.train import AttackConfig, save_patch, train_patch
+
+    model = _load_model(args.model, args.weights, args.device, args.image_size)
+    try:
+        target = resolve_target(args.target, model.labels)
+        config = AttackConfig(
+            attack=args.attack, target=target, patch_size=args.patch_size, image_size=model.input_size,
+            placement=args.placement, epochs=args.epochs, batches_per_epoch=args.batches_per_epoch,
+            batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+            parametrization=args.parametrization, through=args.through, through_lambda=args.through_lambda,
+            threshold=args.threshold, seed=args.seed,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    if args.init is not None and not Path(args.init).is_file() and not args.init.startswith("skimage:"):
+        raise CommandError(f"no such init image: {args.init}")
+    dataset = _load_data(args.data, model, model.input_size)
+    data = _training_data(dataset, args.in_memory_limit)
+    out = Path(args.out)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_suffix(".ckpt.pt")
+    print(f"{config.attack} patch {config.patch_size}px -> {model.labels[target]!r} ({target}) on {model.name} "
+          f"({model.weights}, {model.device}); {len(dataset)} images ({dataset.layout}) at "
+          f"{model.input_size}px; {config.optimizer} lr {config.lr:g} ({config.parametrization}), "
+          f"{config.epochs} x {config.batches_per_epoch} x {config.batch_size}"
+          + (f"; through {config.through} lambda {config.through_lambda:g}" if config.through else ""))
+    try:
+        result = train_patch(model, data, config, init=args.init, checkpoint=checkpoint, resume=args.resume,
+                             progress=not args.no_progress, workers=args.workers)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    sidecar = save_patch(result, out, model, extra={"data": str(args.data), "images": len(dataset)})
+    print(f"final targeted success on the training images: {result.final_success_rate:.1%} "
+          f"({result.seconds:.0f} s)")
+    print(f"patch written to {out}, details to {sidecar}, checkpoint {checkpoint}")
+    return 0
+
+
+def _parse_list(text: str, kind, what: str) -> list:
+    try:
+        return [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise CommandError(f"--{what} must be a comma-separated list, got {text!r}") from None
+
+
+def _attack_eval(args: argparse.Namespace) -> int:
+    from elgs.attacks.data import resolve_target
+    from elgs.attacks.evaluate import PatchSpec, evaluate, format_table, plot_accuracy, write_report
+
+    methods = _parse_list(args.methods, str, "methods")
+    unknown = [m for m in methods if m not in DEFENSES]
+    if unknown:
+        raise CommandError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(DEFENSES)}")
+    lambdas = _parse_list(args.lambdas, float, "lambdas")
+    try:
+        patches = [PatchSpec.load(path, shape=args.shape, target=args.target) for path in args.patch]
+    except (FileNotFoundError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    model_name = args.model or patches[0].model or "efficientnet_lite0"
+    image_size = args.image_size or patches[0].image_size
+    model = _load_model(model_name, args.weights, args.device, image_size)
+    for spec in patches:
+        if spec.target is None:
+            raise CommandError(f"{spec.path}: no JSON sidecar names the target; pass --target")
+        if isinstance(spec.target, str):
+            try:
+                spec.target = resolve_target(spec.target, model.labels)
+            except ValueError as error:
+                raise CommandError(str(error)) from None
+    dataset = _load_data(args.data, model, model.input_size)
+    try:
+        report = evaluate(model, dataset, patches, methods=methods, lambdas=lambdas, placement=args.placement,
+                          batch_size=args.batch_size, limit=args.limit, seed=args.seed, threshold=args.threshold,
+                          progress=not args.no_progress, workers=args.workers)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    print(format_table(report))
+    if args.json:
+        write_report(report, args.json)
+        print(f"results written to {args.json}")
+    if args.plot:
+        plot_accuracy(report, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _data_samples(args: argparse.Namespace) -> int:
+    from elgs.attacks.data import make_sample_set
+
+    model = _load_model(args.model, args.weights, args.device, args.image_size)
+    try:
+        report = make_sample_set(args.out, model, train=args.train, heldout=args.heldout, seed=args.seed,
+                                 min_area=args.min_area, min_confidence=args.min_confidence, split=args.split)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    print(f"{report.train} training and {report.heldout} held-out crops ({report.classes} distinct "
+          f"{model.name} classes) written to {report.root}/train and {report.root}/heldout")
+    labels = json.loads((report.root / "train" / "labels.json").read_text())["labels"]
+    counts: dict[str, int] = {}
+    for entry in labels.values():
+        counts[entry["label"]] = counts.get(entry["label"], 0) + 1
+    common = sorted(counts.items(), key=lambda item: -item[1])[:5]
+    print("most common training labels: " + ", ".join(f"{label} ({n})" for label, n in common))
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    attack = subparsers.add_parser("attack", help="train adversarial patches and evaluate defences against them")
+    attack_sub = attack.add_subparsers(dest="attack_command", metavar="ACTION", required=True)
+
+    train = attack_sub.add_parser(
+        "train", help="train a universal targeted patch (LaVAN or Adversarial Patch)",
+        description="Train a targeted patch. Defaults are the paper's protocol (SGD momentum, lr 1 -> 0.1 -> "
+                    "0.01 at 80%%/90%% of the epochs, 200 epochs of 50 batches of 20). On a CPU use e.g. "
+                    "--optimizer adam --epochs 5 --batches-per-epoch 25 (see docs/attacks.md).",
+    )
+    train.add_argument("--attack", default="lavan", choices=["lavan", "patch"],
+                       help="lavan: square, z_target - z_source; patch: circle, EoT, cross entropy (default lavan)")
+    _model_arguments(train)
+    train.add_argument("--target", required=True, help="target class: index or ImageNet class name (e.g. toaster)")
+    train.add_argument("--data", required=True, help="ImageNet-layout folder or a folder of images")
+    train.add_argument("--out", default="patch.png", help="patch PNG; the JSON sidecar goes beside it (default patch.png)")
+    train.add_argument("--patch-size", type=int, default=52, help="patch side in pixels (default 52)")
+    train.add_argument("--image-size", type=int, default=None, help="image side (default: the model's; the paper: 400)")
+    train.add_argument("--placement", default="fixed", choices=["fixed", "random"],
+                       help="fixed: top-right, 10 px in (the test placement); random: anywhere (default fixed)")
+    train.add_argument("--epochs", type=int, default=200)
+    train.add_argument("--batches-per-epoch", type=int, default=50)
+    train.add_argument("--batch-size", type=int, default=20)
+    train.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
+                       help="sgd: momentum with the paper's schedule; adam: constant lr (default sgd)")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default: 1 for sgd, 0.1 for adam)")
+    train.add_argument("--momentum", type=float, default=0.9)
+    train.add_argument("--parametrization", default=None, choices=["clamp", "sigmoid"],
+                       help="patch = clamp(p, 0, 1) or sigmoid(w) (default: clamp for sgd, sigmoid for adam)")
+    train.add_argument("--through", default=None, choices=["lgs", "slgs", "wlgs"],
+                       help="train through this defence (white-box, paper Eq. 13)")
+    train.add_argument("--through-lambda", type=float, default=3.5, help="lambda of --through (default 3.5)")
+    train.add_argument("--threshold", type=float, default=0.2, help="block threshold of --through (default 0.2)")
+    train.add_argument("--init", default=None, help="initialise the patch from this image (or skimage:NAME)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint", default=None, help="checkpoint file (default: OUT with .ckpt.pt)")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    train.add_argument("--workers", type=int, default=2, help="data loader workers for large on-disk sets")
+    train.add_argument("--in-memory-limit", type=int, default=5000,
+                       help="sets up to this many images are decoded once and kept in memory (default 5000)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_attack_train)
+
+    evaluate = attack_sub.add_parser(
+        "eval", help="accuracy, attack success and SSIM per defence and lambda (the paper's Table 1)",
+        description="Evaluate patches against defences through the engine; prints the paper's Table 1 layout.",
+    )
+    evaluate.add_argument("--data", required=True, help="ImageNet-layout folder or a folder of images")
+    evaluate.add_argument("--patch", required=True, nargs="+", help="patch PNG(s); their JSON sidecars give the target")
+    _model_arguments(evaluate, default=None)
+    evaluate.add_argument("--image-size", type=int, default=None, help="image side (default: the patch's)")
+    evaluate.add_argument("--target", default=None, help="target class, when a patch has no sidecar")
+    evaluate.add_argument("--shape", default=None, choices=["square", "circle"], help="patch shape (default: sidecar's)")
+    evaluate.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list (default {DEFAULT_METHODS})")
+    evaluate.add_argument("--lambdas", default=DEFAULT_LAMBDAS, help=f"comma list (default {DEFAULT_LAMBDAS})")
+    evaluate.add_argument("--threshold", type=float, default=0.2, help="block threshold (default 0.2)")
+    evaluate.add_argument("--placement", default="fixed", choices=["fixed", "random"],
+                          help="fixed: top-right, 10 px in (the paper's test); random: seeded positions")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="requests per engine batch (default 16)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    evaluate.add_argument("--seed", type=int, default=0, help="seeds random placements")
+    evaluate.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
+    evaluate.add_argument("--json", default=None, help="write all numbers as JSON")
+    evaluate.add_argument("--plot", default=None, help="write accuracy vs lambda (PNG)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(handler=_attack_eval)
+
+    data = subparsers.add_parser("data", help="data sets for attacks")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    samples = data_sub.add_parser(
+        "samples", help="build an offline image set from scikit-image's photographs",
+        description="Random crops and flips of scikit-image's photographs, labelled by the model, split into "
+                    "OUT/train and OUT/heldout (each with labels.json).",
+    )
+    samples.add_argument("--out", required=True, help="folder to write")
+    _model_arguments(samples)
+    samples.add_argument("--image-size", type=int, default=None, help="crop side (default: the model's)")
+    samples.add_argument("--train", type=int, default=200, help="training crops (default 200)")
+    samples.add_argument("--heldout", type=int, default=100, help="held-out crops (default 100)")
+    samples.add_argument("--split", default="crops", choices=["crops", "photos"],
+                         help="crops: held-out crops of the same photos; photos: of disjoint photos (default crops)")
+    samples.add_argument("--min-area", type=float, default=0.3, help="smallest crop as a fraction of the photo")
+    samples.add_argument("--min-confidence", type=float, default=0.3,
+                         help="redraw crops whose top-1 probability is below this (default 0.3; 0 keeps all)")
+    samples.add_argument("--seed", type=int, default=0)
+    samples.set_defaults(handler=_data_samples)

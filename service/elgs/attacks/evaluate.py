@@ -1,0 +1,363 @@
+"""Evaluate defences against trained patches: the paper's Table 1 and Fig. 5, through the engine.
+
+For every method (and every lambda of the methods that take one) the clean images and the patched
+images go through :class:`elgs.engine.Engine` in batches of ``task="defend"`` requests, exactly as the
+service would run them. Reported per row: top-1 accuracy on clean images, and per patch the top-1
+accuracy on patched images, the targeted success rate (over images whose true class is not the
+target), the share of successfully attacked images whose label the defence restored, the mean SSIM
+between input and defended image (scikit-image, as the paper) and images per second. For SLGS, how
+much of the saliency region lies inside the patch (and how much of the patch it covers).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage.metrics import structural_similarity
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from elgs.attacks.patches import apply_patch, fixed_positions, patch_mask, random_positions
+from elgs.defenses import get_defense, saliency_region
+from elgs.engine import Engine, Request
+from elgs.images import image_to_tensor, open_image
+from elgs.models import LoadedModel
+
+
+@dataclass
+class PatchSpec:
+    """A patch to evaluate: its pixels, shape and target (from its JSON sidecar when there is one).
+
+    Attributes:
+        path: the PNG.
+        patch: (3, s, s) in [0, 1].
+        shape: ``square`` or ``circle``.
+        target: class index (or a class name still to resolve; None: unknown).
+        model: the model it was trained on, if known.
+        image_size: the image side it was trained for, if known.
+        name: column name in tables.
+    """
+
+    path: Path
+    patch: torch.Tensor
+    shape: str
+    target: int | str | None
+    model: str | None = None
+    image_size: int | None = None
+    name: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path, *, shape: str | None = None, target: str | int | None = None) -> PatchSpec:
+        """Read ``path`` and, when present, its sidecar ``path.json``; explicit arguments win."""
+        path = Path(path)
+        image = open_image(path)
+        if image.width != image.height:
+            raise ValueError(f"{path}: a patch must be square, got {image.width}x{image.height}")
+        sidecar_file = path.with_suffix(".json")
+        sidecar = json.loads(sidecar_file.read_text()) if sidecar_file.is_file() else {}
+        resolved_shape = shape or sidecar.get("shape") or "square"
+        resolved_target = target if target is not None else sidecar.get("target")
+        if isinstance(resolved_target, str) and resolved_target.strip().isdigit():
+            resolved_target = int(resolved_target)
+        return cls(path=path, patch=image_to_tensor(image, image.width), shape=resolved_shape,
+                   target=resolved_target, model=sidecar.get("model"), image_size=sidecar.get("image_size"),
+                   name=f"{path.stem} ({image.width}px)")
+
+
+def settings(methods: list[str], lambdas: list[float]) -> list[tuple[str, float | None]]:
+    """``(method, lambda)`` rows: one per lambda for methods that take one, else one row."""
+    rows = []
+    for method in methods:
+        if get_defense(method).uses_lambda:
+            rows += [(method, lam) for lam in lambdas]
+        else:
+            rows.append((method, None))
+    return rows
+
+
+def mean_ssim(inputs: torch.Tensor, defended: torch.Tensor) -> float:
+    """Mean SSIM over a batch (B, 3, H, W) in [0, 1] (scikit-image, ``data_range=1``, per channel)."""
+    a = inputs.permute(0, 2, 3, 1).double().numpy()
+    b = defended.permute(0, 2, 3, 1).double().numpy()
+    return float(np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1.0) for x, y in zip(a, b)]))
+
+
+def saliency_overlap(saliency: torch.Tensor, patch_masks: torch.Tensor) -> dict[str, float]:
+    """Where the SLGS saliency region falls relative to the patch, averaged over images.
+
+    Args:
+        saliency: ``S`` (B, H, W).
+        patch_masks: (B, 1, H, W) 0/1 patch canvases.
+
+    Returns:
+        ``region_in_patch`` (share of region pixels inside the patch), ``patch_in_region`` (share of the
+        patch covered by the region), ``saliency_mass_in_patch`` (share of sum(S) inside the patch),
+        ``patch_area`` (share of the image the patch covers: the chance level of the first).
+    """
+    region = saliency_region(saliency)  # (B, 1, H, W)
+    inside = patch_masks > 0.5
+    dims = (1, 2, 3)
+    region_pixels = region.sum(dim=dims).clamp(min=1)
+    return {
+        "region_in_patch": float(((region * inside).sum(dim=dims) / region_pixels).mean()),
+        "patch_in_region": float(((region * inside).sum(dim=dims) / inside.sum(dim=dims).clamp(min=1)).mean()),
+        "saliency_mass_in_patch": float(((saliency.unsqueeze(1) * inside).sum(dim=dims)
+                                         / saliency.sum(dim=(1, 2)).clamp(min=1e-30)).mean()),
+        "patch_area": float(inside.float().mean()),
+    }
+
+
+def run_engine(engine: Engine, images: torch.Tensor, method: str, lam: float | None, threshold: float,
+               batch_size: int) -> dict:
+    """Defend ``images`` (N, 3, S, S) through the engine in batches of ``task="defend"`` requests.
+
+    Returns:
+        ``original`` top-1 (N,) from pass 1, ``defended`` top-1 (N,), ``images`` (N, 3, S, S) defended,
+        ``saliency`` (N, S, S) or None, and ``seconds`` of wall time.
+    """
+    original, top1, defended, saliency = [], [], [], []
+    started = time.perf_counter()
+    for chunk in images.split(batch_size):
+        results = engine.run([Request(image=image, task="defend", method=method, lam=lam, threshold=threshold)
+                              for image in chunk])
+        original += [r.predictions[0].index for r in results]
+        top1 += [r.defended_predictions[0].index for r in results]
+        defended.append(torch.stack([r.image for r in results]))
+        if results[0].saliency is not None:
+            saliency.append(torch.stack([r.saliency for r in results]))
+    return {"original": torch.tensor(original), "defended": torch.tensor(top1), "images": torch.cat(defended),
+            "saliency": torch.cat(saliency) if saliency else None, "seconds": time.perf_counter() - started}
+
+
+def _image_chunks(data: Dataset | tuple[torch.Tensor, torch.Tensor], chunk: int, limit: int | None, workers: int):
+    """``(images, labels)`` chunks of at most ``chunk`` images, streamed so large sets never sit in memory."""
+    if isinstance(data, tuple):
+        images, labels = data
+        count = len(images) if limit is None else min(limit, len(images))
+        for start in range(0, count, chunk):
+            yield images[start : min(start + chunk, count)], labels[start : min(start + chunk, count)]
+        return
+    if limit is not None:
+        data = torch.utils.data.Subset(data, range(min(limit, len(data))))
+    yield from torch.utils.data.DataLoader(data, batch_size=chunk, shuffle=False, num_workers=workers)
+
+
+def _positions(placement: str, count: int, size: int, patch_size: int, generator: torch.Generator) -> torch.Tensor:
+    if placement == "fixed":
+        return fixed_positions(count, size, patch_size)
+    if placement == "random":
+        return random_positions(count, size, patch_size, generator=generator)
+    raise ValueError(f"placement must be 'fixed' or 'random', got {placement!r}")
+
+
+def evaluate(
+    model: LoadedModel,
+    data: Dataset | tuple[torch.Tensor, torch.Tensor],
+    patches: list[PatchSpec],
+    *,
+    methods: list[str],
+    lambdas: list[float],
+    placement: str = "fixed",
+    batch_size: int = 16,
+    limit: int | None = None,
+    seed: int = 0,
+    threshold: float = 0.2,
+    progress: bool = True,
+    chunk: int = 256,
+    workers: int = 0,
+) -> dict:
+    """Table 1 numbers for ``patches`` against ``methods`` x ``lambdas`` (see the module docstring).
+
+    Images are streamed in chunks of ``chunk``; every chunk runs through every setting, and the counts
+    are summed, so memory does not grow with the data set.
+
+    Args:
+        model: the classifier (the patches' model).
+        data: a dataset of ``(image, label)`` or ``(images (N, 3, S, S), labels (N,))``.
+        patches: patches to evaluate (targets resolved to indices).
+        methods: defence names.
+        lambdas: lambdas for the methods that take one.
+        placement: ``fixed`` (top-right, 10 px in) or ``random`` (seeded, the same for every method).
+        batch_size: requests per engine batch.
+        limit: evaluate the first ``limit`` images only.
+        seed: seeds random placements.
+        threshold: gradient-map block threshold.
+        progress: show a progress bar.
+        chunk: images decoded at a time.
+        workers: data loader workers for an on-disk dataset.
+
+    Returns:
+        a JSON-ready report (see :func:`write_report`).
+    """
+    if placement not in ("fixed", "random"):
+        raise ValueError(f"placement must be 'fixed' or 'random', got {placement!r}")
+    for spec in patches:
+        if not isinstance(spec.target, int):
+            raise ValueError(f"{spec.path}: target must be resolved to a class index, got {spec.target!r}")
+    total = len(data[0]) if isinstance(data, tuple) else len(data)
+    total = total if limit is None else min(limit, total)
+    if total == 0:
+        raise ValueError("no images to evaluate")
+    engine = Engine(model)
+    table = settings(methods, lambdas)
+    # Per setting: sums over images; per setting and patch: sums over images.
+    sums = [{"clean_correct": 0.0, "ssim_clean": 0.0, "seconds": 0.0, "processed": 0,
+             "attacks": [{"correct": 0.0, "eligible": 0.0, "hits": 0.0, "fooled": 0.0, "restored": 0.0,
+                          "ssim": 0.0, "saliency": {}} for _ in patches]} for _ in table]
+    generators = [torch.Generator().manual_seed(seed * 1_000 + index) for index in range(len(patches))]
+    bar = tqdm(total=len(table) * (1 + len(patches)) * total, disable=not progress, unit="img", desc="eval",
+               dynamic_ncols=True)
+    seen = 0
+    for images, labels in _image_chunks(data, chunk, limit, workers):
+        labels = torch.as_tensor(labels)
+        size = images.shape[-1]
+        if images.shape[-2:] != (model.input_size, model.input_size):
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, the model takes {model.input_size}x{model.input_size}")
+        seen += len(images)
+        patched_sets, masks = [], []
+        for spec, generator in zip(patches, generators):
+            patch_size = spec.patch.shape[-1]
+            positions = _positions(placement, len(images), size, patch_size, generator)
+            mask = patch_mask(spec.shape, patch_size)
+            patched_sets.append(apply_patch(images, spec.patch, mask, positions))
+            masks.append(apply_patch(torch.zeros_like(images[:, :1]), torch.ones(1, patch_size, patch_size), mask,
+                                     positions))
+        for (method, lam), acc in zip(table, sums):
+            bar.set_postfix(method=method if lam is None else f"{method} {lam:g}")
+            clean = run_engine(engine, images, method, lam, threshold, batch_size)
+            bar.update(len(images))
+            acc["clean_correct"] += float((clean["defended"] == labels).sum())
+            acc["ssim_clean"] += mean_ssim(images, clean["images"]) * len(images)
+            acc["seconds"] += clean["seconds"]
+            acc["processed"] += len(images)
+            for spec, patched, mask, attack in zip(patches, patched_sets, masks, acc["attacks"]):
+                run = run_engine(engine, patched, method, lam, threshold, batch_size)
+                bar.update(len(images))
+                acc["seconds"] += run["seconds"]
+                acc["processed"] += len(images)
+                eligible = labels != spec.target
+                fooled = (run["original"] == spec.target) & eligible  # the attack worked before the defence
+                attack["correct"] += float((run["defended"] == labels).sum())
+                attack["eligible"] += float(eligible.sum())
+                attack["hits"] += float(((run["defended"] == spec.target) & eligible).sum())
+                attack["fooled"] += float(fooled.sum())
+                attack["restored"] += float((run["defended"][fooled] == labels[fooled]).sum())
+                attack["ssim"] += mean_ssim(patched, run["images"]) * len(images)
+                if run["saliency"] is not None:
+                    for key, value in saliency_overlap(run["saliency"], mask).items():
+                        attack["saliency"][key] = attack["saliency"].get(key, 0.0) + value * len(images)
+    bar.close()
+
+    def ratio(numerator: float, denominator: float) -> float | None:
+        return numerator / denominator if denominator else None
+
+    rows = []
+    for (method, lam), acc in zip(table, sums):
+        row = {"method": method, "lambda": lam, "clean_accuracy": acc["clean_correct"] / seen,
+               "ssim_clean": acc["ssim_clean"] / seen, "attacks": {},
+               "images_per_second": ratio(acc["processed"], acc["seconds"])}
+        for spec, attack in zip(patches, acc["attacks"]):
+            row["attacks"][spec.name] = {
+                "accuracy": attack["correct"] / seen,
+                "success_rate": ratio(attack["hits"], attack["eligible"]),
+                "undefended_success_rate": ratio(attack["fooled"], attack["eligible"]),
+                "restored_rate": ratio(attack["restored"], attack["fooled"]),
+                "ssim": attack["ssim"] / seen,
+                **({"saliency": {k: v / seen for k, v in attack["saliency"].items()}} if attack["saliency"] else {}),
+            }
+        rows.append(row)
+    return {
+        "model": model.name, "weights": model.weights, "input_size": model.input_size, "images": seen,
+        "placement": placement, "threshold": threshold,
+        "patches": [{"name": p.name, "path": str(p.path), "shape": p.shape, "size": int(p.patch.shape[-1]),
+                     "target": p.target, "target_label": model.labels[p.target]} for p in patches],
+        "rows": rows,
+    }
+
+
+def _cell(fraction: float | None, width: int) -> str:
+    """A right-aligned percentage, or '-' where there was nothing to count."""
+    return f"{'-':>{width}}" if fraction is None else f"{100 * fraction:>{width - 1}.1f}%"
+
+
+def format_table(report: dict) -> str:
+    """The paper's Table 1 layout: one row per method and lambda; top-1 accuracy (%) clean and per patch,
+    then success rate, restored share, SSIM and throughput."""
+    names = [p["name"] for p in report["patches"]]
+    header = f"{'method':<14}{'clean':>8}" + "".join(f"{name[:22]:>24}" for name in names)
+    header += "".join(f"{'success':>9}{'restored':>10}" for _ in names) + f"{'SSIM':>8}{'img/s':>8}"
+    lines = [f"{report['model']} ({report['weights']}), {report['images']} images at {report['input_size']}px, "
+             f"patch placement {report['placement']}; top-1 accuracy %", header, "-" * len(header)]
+    for row in report["rows"]:
+        label = row["method"].upper() if row["method"] != "none" else "no defence"
+        if row["lambda"] is not None:
+            label += f" {row['lambda']:g}"
+        line = f"{label:<14}{100 * row['clean_accuracy']:>8.2f}"
+        line += "".join(f"{100 * row['attacks'][n]['accuracy']:>24.2f}" for n in names)
+        for name in names:
+            attack = row["attacks"][name]
+            line += _cell(attack["success_rate"], 9) + _cell(attack["restored_rate"], 10)
+        line += f"{row['ssim_clean']:>8.3f}{row['images_per_second'] or 0:>8.1f}"
+        lines.append(line)
+    slgs_rows = [row for row in report["rows"] if row["method"] == "slgs"]
+    for name in names if slgs_rows else []:
+        overlap = slgs_rows[0]["attacks"][name]["saliency"]
+        lines.append(f"SLGS saliency region vs {name}: {100 * overlap['region_in_patch']:.1f}% of the region lies "
+                     f"in the patch (the patch is {100 * overlap['patch_area']:.1f}% of the image) and covers "
+                     f"{100 * overlap['patch_in_region']:.1f}% of the patch; "
+                     f"{100 * overlap['saliency_mass_in_patch']:.1f}% of the saliency mass is in the patch")
+    lines.append("success: defended top-1 is the target (true class != target); restored: share of the images "
+                 "the patch fooled whose true label the defence brought back")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    """Write ``report`` as indented JSON."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2))
+
+
+def plot_accuracy(report: dict, path: str | Path) -> None:
+    """Accuracy vs lambda per method, clean (dashed) and attacked (solid), as the paper's Fig. 5; PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    names = [p["name"] for p in report["patches"]]
+    lambdas = sorted({row["lambda"] for row in report["rows"] if row["lambda"] is not None})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = list(dict.fromkeys(row["method"] for row in report["rows"]))
+    for index, method in enumerate(methods):
+        rows = [row for row in report["rows"] if row["method"] == method]
+        colour = colours[index % len(colours)]
+        label = "no defence" if method == "none" else method.upper()
+        if rows[0]["lambda"] is None:
+            if not lambdas:
+                continue
+            axes.hlines(100 * rows[0]["clean_accuracy"], lambdas[0], lambdas[-1], colors=colour, linestyles="--")
+            for name in names:
+                axes.hlines(100 * rows[0]["attacks"][name]["accuracy"], lambdas[0], lambdas[-1], colors=colour,
+                            label=f"{label} ({name})" if len(names) > 1 else label)
+            continue
+        xs = [row["lambda"] for row in rows]
+        axes.plot(xs, [100 * row["clean_accuracy"] for row in rows], "--o", color=colour, markersize=3)
+        for name in names:
+            axes.plot(xs, [100 * row["attacks"][name]["accuracy"] for row in rows], "-o", color=colour, markersize=3,
+                      label=f"{label} ({name})" if len(names) > 1 else label)
+    axes.set_xlabel("lambda")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.set_title(f"{report['model']}: attacked (solid) and clean (dashed)")
+    axes.set_ylim(-2, 102)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

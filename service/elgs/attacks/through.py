@@ -1,0 +1,61 @@
+"""White-box attack through a defence (paper Eq. 13): the defence sits inside the attack's loss.
+
+``logits = f(normalize(T(x_patched)))`` where ``T`` is LGS, SLGS or WLGS exactly as the engine
+applies it (``x - s * (x - mean)`` with ``s = clamp(lam * m, 0, 1)``, then clamped to [0, 1]).
+
+What the gradient flows through, and what is held constant:
+
+- The local gradient map ``g`` (Sobel magnitude, min-max normalisation, block averaging) is
+  differentiable and carries gradient. The block keep/reject decision (``mean >= threshold``) is a
+  step function: it is piecewise constant, so it contributes no gradient (as in the forward pass).
+- The saliency map ``S`` of SLGS and WLGS is computed on the *detached* patched image and then held
+  constant: SLGS's region ``D`` is a threshold plus morphology (zero gradient almost everywhere), and
+  differentiating WLGS's weight ``W(S)`` would need second-order gradients through the network. So
+  ``D`` and ``W`` are constants of each step; ``g`` and the smoothing carry the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from elgs.defenses import slgs_mask, suppression, topk_saliency, wlgs_mask
+from elgs.defenses import lgs_mask as _lgs_mask
+from elgs.models import LoadedModel
+
+THROUGH_METHODS = ("lgs", "slgs", "wlgs")
+
+
+def defend_differentiable(model: LoadedModel, x: torch.Tensor, method: str, lam: float,
+                          threshold: float = 0.2) -> torch.Tensor:
+    """Defended pixel-space images, differentiable in ``x`` (see the module docstring).
+
+    Args:
+        model: supplies mean/std and, for SLGS/WLGS, the saliency.
+        x: pixel-space images (B, 3, H, W) in [0, 1].
+        method: ``lgs``, ``slgs`` or ``wlgs``.
+        lam: smoothing factor.
+        threshold: gradient-map block threshold.
+
+    Returns:
+        (B, 3, H, W) in [0, 1], equal to the engine's defended image.
+    """
+    if method not in THROUGH_METHODS:
+        raise ValueError(f"can attack through {', '.join(THROUGH_METHODS)}, got {method!r}")
+    xn = model.normalize(x)
+    if method == "lgs":
+        mask = _lgs_mask(xn, threshold=threshold)
+    else:
+        saliency = topk_saliency(model.module, x.detach(), model.normalize)  # constant: see module docstring
+        mask_of = slgs_mask if method == "slgs" else wlgs_mask
+        mask = mask_of(xn, saliency, threshold=threshold)
+    strength = suppression(mask, lam)
+    mean = model.mean.to(x.dtype).view(1, -1, 1, 1)
+    return (x - strength * (x - mean)).clamp(0.0, 1.0)
+
+
+def logits_through(model: LoadedModel, x: torch.Tensor, method: str | None, lam: float,
+                   threshold: float = 0.2) -> torch.Tensor:
+    """Logits (B, N) of ``x`` after the defence ``method`` (None: no defence)."""
+    if method is not None:
+        x = defend_differentiable(model, x, method, lam, threshold)
+    return model.module(model.normalize(x))
