@@ -7,6 +7,7 @@ shared machine's absolute times drift between runs.
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -59,11 +60,13 @@ def benchmark_model(model: LoadedModel, x: torch.Tensor, repeats: int) -> dict:
     timings: dict[str, list[float]] = {"forward": [], "forward_backward": []}
     timings.update({name: [] for name in DEFENSES})
     forward(), [d.apply(batch) for d in DEFENSES.values()]  # warm-up
+    order = random.Random(0)
     for _ in range(repeats):
         timings["forward"].append(_timed(forward, device))
         timings["forward_backward"].append(_timed(forward_with_saliency, device))
-        for name, defense in DEFENSES.items():
-            timings[name].append(_timed(lambda d=defense: d.apply(batch), device))
+        # A shuffled order per round, so no method always runs first after the model's passes.
+        for name in order.sample(list(DEFENSES), len(DEFENSES)):
+            timings[name].append(_timed(lambda d=DEFENSES[name]: d.apply(batch), device))
     medians = {name: statistics.median(values) for name, values in timings.items()}
     rows = []
     for name, defense in DEFENSES.items():

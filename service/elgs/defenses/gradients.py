@@ -7,10 +7,13 @@ import torch.nn.functional as F
 
 from elgs.defenses._checks import as_per_sample, check_image_batch
 
-def _safe_sqrt(squared: torch.Tensor) -> torch.Tensor:
-    # Clamping at the smallest normal number changes a zero magnitude by ~1e-19 (float32) but gives
-    # a zero gradient instead of NaN there, so attacks can backpropagate through flat regions.
-    return squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt()
+def _magnitude(gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    if not (gx.requires_grad or gy.requires_grad):
+        return torch.hypot(gx, gy)
+    # hypot's gradient is NaN where both components are zero (flat regions). Clamping the squared
+    # magnitude at the smallest normal number changes such a zero by ~1e-19 (float32) and gives a
+    # zero gradient there instead, so attacks can backpropagate through flat regions.
+    return (gx.square() + gy.square()).clamp_min(torch.finfo(gx.dtype).tiny).sqrt()
 
 
 def sobel_magnitude(xn: torch.Tensor) -> torch.Tensor:
@@ -28,11 +31,13 @@ def sobel_magnitude(xn: torch.Tensor) -> torch.Tensor:
     """
     check_image_batch(xn, "xn")
     padded = F.pad(xn, (1, 1, 1, 1))
-    column_difference = padded[..., :, :-2] - padded[..., :, 2:]  # (B, C, H+2, W)
-    gx = column_difference[..., :-2, :] + 2 * column_difference[..., 1:-1, :] + column_difference[..., 2:, :]
-    column_smooth = padded[..., :, :-2] + 2 * padded[..., :, 1:-1] + padded[..., :, 2:]
+    left, centre, right = padded[..., :, :-2], padded[..., :, 1:-1], padded[..., :, 2:]
+    column_difference = left - right  # (B, C, H+2, W)
+    gx = torch.add(column_difference[..., :-2, :] + column_difference[..., 2:, :], column_difference[..., 1:-1, :],
+                   alpha=2)
+    column_smooth = torch.add(left + right, centre, alpha=2)
     gy = column_smooth[..., :-2, :] - column_smooth[..., 2:, :]
-    return _safe_sqrt(gx.square() + gy.square())
+    return _magnitude(gx, gy)
 
 
 def minmax_normalize(values: torch.Tensor) -> torch.Tensor:
@@ -47,8 +52,9 @@ def minmax_normalize(values: torch.Tensor) -> torch.Tensor:
     dims = tuple(range(1, values.ndim))
     low = values.amin(dim=dims, keepdim=True)
     span = values.amax(dim=dims, keepdim=True) - low
-    safe_span = torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, (values - low) / safe_span, torch.zeros_like(values))
+    # The per-image factor is tiny; only one subtraction and one product touch the whole batch.
+    inverse_span = torch.where(span > 0, 1.0 / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
+    return (values - low) * inverse_span
 
 
 def padded_length(length: int, window: int, stride: int) -> int:
@@ -56,6 +62,17 @@ def padded_length(length: int, window: int, stride: int) -> int:
     remainder = (length - window) % stride
     padded = length if remainder == 0 else length + stride - remainder
     return max(padded, window)
+
+
+def _spread_blocks(per_block: torch.Tensor, window: int, stride: int) -> torch.Tensor:
+    """Sum, at each pixel, the values of the blocks covering it: (B, 1, nh, nw) -> (B, 1, hp, wp).
+
+    A transposed convolution with a ``window x window`` kernel of ones, done as a row pass and a
+    column pass (the kernel is separable), which is a few times cheaper.
+    """
+    row_kernel = torch.ones(1, 1, 1, window, dtype=per_block.dtype, device=per_block.device)
+    rows = F.conv_transpose2d(per_block, row_kernel, stride=(1, stride))
+    return F.conv_transpose2d(rows, row_kernel.transpose(2, 3), stride=(stride, 1))
 
 
 def block_filter(
@@ -89,15 +106,15 @@ def block_filter(
     b, _, h, w = gradient.shape
     stride = window - overlap
     hp, wp = padded_length(h, window, stride), padded_length(w, window, stride)
-    padded = F.pad(gradient, (0, wp - w, 0, hp - h))
-    # Mean over channels then over the window is the mean over all C x w x w values of a block.
-    block_means = F.avg_pool2d(padded.mean(dim=1, keepdim=True), window, stride=stride)  # (B,1,nh,nw)
+    # Mean over channels then over the window is the mean over all C x w x w values of a block;
+    # only the one-channel mean needs the zero padding.
+    channel_mean = F.pad(gradient.mean(dim=1, keepdim=True), (0, wp - w, 0, hp - h))
+    block_means = F.avg_pool2d(channel_mean, window, stride=stride)  # (B,1,nh,nw)
     thresholds = as_per_sample(threshold, b, "threshold", gradient)
     kept = (block_means >= thresholds).to(gradient.dtype)
-    ones_kernel = torch.ones(1, 1, window, window, dtype=gradient.dtype, device=gradient.device)
-    kept_cover = F.conv_transpose2d(kept, ones_kernel, stride=stride)  # (B,1,hp,wp)
-    cover = F.conv_transpose2d(torch.ones_like(kept[:1]), ones_kernel, stride=stride)
-    return (padded * (kept_cover / cover))[..., :h, :w]
+    kept_cover = _spread_blocks(kept, window, stride)[..., :h, :w]  # (B,1,H,W)
+    cover = _spread_blocks(torch.ones_like(kept[:1]), window, stride)[..., :h, :w]
+    return gradient * (kept_cover / cover)
 
 
 def local_gradient_map(

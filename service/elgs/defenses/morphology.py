@@ -6,11 +6,28 @@ import torch
 import torch.nn.functional as F
 
 
-def dilate(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
-    """``iterations`` 3x3 binary dilations; pixels outside the image are ignored (implicit -inf padding).
+def _extreme_filter(mask: torch.Tensor, radius: int, reduce, outside: float) -> torch.Tensor:
+    """Max or min over a (2r+1) square, as a row pass then a column pass of shifted slices.
 
-    On a rectangle, n dilations by a 3x3 square equal one by a (2n+1) square, applied here as a
-    row pass and a column pass.
+    ``outside`` fills the border so that pixels outside the image never win (-inf for max, +inf
+    for min). On the CPU this is several times faster than ``max_pool2d`` on one channel.
+    """
+    height, width = mask.shape[-2:]
+    padded = F.pad(mask, (radius, radius, 0, 0), value=outside)
+    rows = padded[..., :, :width]
+    for shift in range(1, 2 * radius + 1):
+        rows = reduce(rows, padded[..., :, shift : shift + width])
+    padded = F.pad(rows, (0, 0, radius, radius), value=outside)
+    out = padded[..., :height, :]
+    for shift in range(1, 2 * radius + 1):
+        out = reduce(out, padded[..., shift : shift + height, :])
+    return out
+
+
+def dilate(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
+    """``iterations`` 3x3 binary dilations; pixels outside the image are ignored (OpenCV's default).
+
+    On a rectangle, n dilations by a 3x3 square equal one by a (2n+1) square.
 
     Args:
         mask: 0/1 tensor of shape (B, 1, H, W).
@@ -21,9 +38,7 @@ def dilate(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
     """
     if iterations == 0:
         return mask.clone()
-    size = 2 * iterations + 1
-    rows = F.max_pool2d(mask, kernel_size=(1, size), stride=1, padding=(0, iterations))
-    return F.max_pool2d(rows, kernel_size=(size, 1), stride=1, padding=(iterations, 0))
+    return _extreme_filter(mask, iterations, torch.maximum, float("-inf"))
 
 
 def erode(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
@@ -36,7 +51,9 @@ def erode(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
     Returns:
         tensor of shape (B, 1, H, W).
     """
-    return -dilate(-mask, iterations)
+    if iterations == 0:
+        return mask.clone()
+    return _extreme_filter(mask, iterations, torch.minimum, float("inf"))
 
 
 def saliency_region(saliency: torch.Tensor, *, erosions: int = 2, dilations: int = 3) -> torch.Tensor:

@@ -116,7 +116,7 @@ def _gradient_defense(mask_of: Callable[[DefenseInput, torch.Tensor], torch.Tens
         xn = batch.normalized()
         strength = suppression(mask_of(batch, xn), batch.lam)  # (B, C, H, W)
         # T * std + mean == x - s * (x - mean): exact identity at lambda 0, no round trip error.
-        image = (batch.x - strength * (batch.x - batch.mean.view(1, -1, 1, 1))).clamp(0.0, 1.0)
+        image = torch.addcmul(batch.x, strength, batch.x - batch.mean.view(1, -1, 1, 1), value=-1).clamp(0.0, 1.0)
         return DefenseOutput(image=image, mask=strength.amax(dim=1, keepdim=True))
 
     return apply
