@@ -122,7 +122,11 @@ def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
 
 
 def encode_png(tensor: torch.Tensor) -> bytes:
-    """PNG bytes of a tensor accepted by :func:`tensor_to_image`."""
+    """PNG bytes of a tensor accepted by :func:`tensor_to_image`.
+
+    zlib level 1: for a 224x224 photograph it encodes about 4x faster than Pillow's default level 6
+    for about 7% more bytes, which matters when every response carries two PNGs.
+    """
     buffer = io.BytesIO()
-    tensor_to_image(tensor).save(buffer, format="PNG")
+    tensor_to_image(tensor).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

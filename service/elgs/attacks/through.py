@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from elgs.defenses import slgs_mask, suppression, topk_saliency, wlgs_mask
-from elgs.defenses import lgs_mask as _lgs_mask
+from elgs.defenses import DefenseInput, get_defense, topk_saliency
 from elgs.models import LoadedModel
 
 THROUGH_METHODS = ("lgs", "slgs", "wlgs")
@@ -41,16 +40,17 @@ def defend_differentiable(model: LoadedModel, x: torch.Tensor, method: str, lam:
     """
     if method not in THROUGH_METHODS:
         raise ValueError(f"can attack through {', '.join(THROUGH_METHODS)}, got {method!r}")
-    xn = model.normalize(x)
-    if method == "lgs":
-        mask = _lgs_mask(xn, threshold=threshold)
-    else:
+    defense = get_defense(method)
+    saliency = None
+    if defense.needs_saliency:
         saliency = topk_saliency(model.module, x.detach(), model.normalize)  # constant: see module docstring
-        mask_of = slgs_mask if method == "slgs" else wlgs_mask
-        mask = mask_of(xn, saliency, threshold=threshold)
-    strength = suppression(mask, lam)
-    mean = model.mean.to(x.dtype).view(1, -1, 1, 1)
-    return (x - strength * (x - mean)).clamp(0.0, 1.0)
+    batch = x.shape[0]
+    return defense.apply(DefenseInput(
+        x=x, mean=model.mean.to(x.dtype), std=model.std.to(x.dtype),
+        lam=torch.full((batch,), float(lam), dtype=x.dtype, device=x.device),
+        threshold=torch.full((batch,), float(threshold), dtype=x.dtype, device=x.device),
+        saliency=saliency,
+    )).image
 
 
 def logits_through(model: LoadedModel, x: torch.Tensor, method: str | None, lam: float,
