@@ -99,3 +99,19 @@ def test_median_network_equals_sorting_median():
     expected = padded.unfold(2, 3, 1).unfold(3, 3, 1).flatten(-2).median(dim=-1).values
     assert torch.equal(median(x), expected)
     assert median(x, kernel_size=5).shape == x.shape
+
+
+def test_slgs_and_wlgs_masks_by_hand():
+    from elgs.defenses import local_gradient_map, slgs, slgs_mask, wlgs_mask
+
+    xn = torch.randn(2, 3, 24, 24, dtype=torch.float64)
+    saliency = torch.zeros(2, 24, 24, dtype=torch.float64)
+    saliency[:, 5:15, 5:15] = 2.0  # region: the square after 2 erosions and 3 dilations, i.e. rows 4..15
+    g = local_gradient_map(xn)
+    region = torch.zeros(2, 1, 24, 24, dtype=torch.float64)
+    region[..., 4:16, 4:16] = 1.0
+    torch.testing.assert_close(slgs_mask(xn, saliency), region * g)
+    torch.testing.assert_close(wlgs_mask(xn, saliency), (saliency / 2.0).unsqueeze(1) * g)
+    torch.testing.assert_close(slgs(xn, saliency, 0.0), xn)
+    with pytest.raises(ValueError, match="does not match"):
+        slgs_mask(xn, saliency[:, :20])

@@ -9,18 +9,15 @@ from elgs.defenses.morphology import saliency_region
 from elgs.defenses.smoothing import smooth
 
 
-def _as_map(saliency: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) or (B, 1, H, W) -> (B, 1, H, W)."""
+def _saliency_weight(xn: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """``saliency`` (B, H, W) or (B, 1, H, W), checked against ``xn``'s grid, as (B, 1, H, W) in its dtype."""
     if saliency.ndim == 3:
         saliency = saliency.unsqueeze(1)
     if saliency.ndim != 4 or saliency.shape[1] != 1:
         raise ValueError(f"saliency must have shape (B, H, W) or (B, 1, H, W), got {tuple(saliency.shape)}")
-    return saliency
-
-
-def _check_same_grid(xn: torch.Tensor, saliency: torch.Tensor) -> None:
     if saliency.shape[0] != xn.shape[0] or saliency.shape[-2:] != xn.shape[-2:]:
         raise ValueError(f"saliency {tuple(saliency.shape)} does not match images {tuple(xn.shape)}")
+    return saliency.to(xn.dtype)
 
 
 def lgs_mask(xn: torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torch.Tensor:
@@ -29,7 +26,7 @@ def lgs_mask(xn: torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torc
 
 
 def slgs_mask(xn: torch.Tensor, saliency: torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torch.Tensor:
-    """SLGS mask ``m = D * g``: the gradient map inside the saliency region.
+    """SLGS mask ``m = D * g``: the gradient map inside the saliency region ``D``.
 
     Args:
         xn: normalised images of shape (B, C, H, W).
@@ -39,25 +36,12 @@ def slgs_mask(xn: torch.Tensor, saliency: torch.Tensor, *, threshold: float | to
     Returns:
         tensor of shape (B, C, H, W).
     """
-    saliency = _as_map(saliency)
-    _check_same_grid(xn, saliency)
-    return saliency_region(saliency.to(xn.dtype)) * local_gradient_map(xn, threshold=threshold)
+    return saliency_region(_saliency_weight(xn, saliency)) * local_gradient_map(xn, threshold=threshold)
 
 
 def wlgs_mask(xn: torch.Tensor, saliency: torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torch.Tensor:
-    """WLGS mask ``m = W * g`` with ``W`` the per-image min-max normalised saliency.
-
-    Args:
-        xn: normalised images of shape (B, C, H, W).
-        saliency: ``S`` of shape (B, H, W) or (B, 1, H, W).
-        threshold: block threshold, scalar or (B,).
-
-    Returns:
-        tensor of shape (B, C, H, W).
-    """
-    saliency = _as_map(saliency)
-    _check_same_grid(xn, saliency)
-    return minmax_normalize(saliency.to(xn.dtype)) * local_gradient_map(xn, threshold=threshold)
+    """WLGS mask ``m = W * g`` with ``W`` the per-image min-max normalised saliency; arguments as :func:`slgs_mask`."""
+    return minmax_normalize(_saliency_weight(xn, saliency)) * local_gradient_map(xn, threshold=threshold)
 
 
 def lgs(xn: torch.Tensor, lam: float | torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torch.Tensor:
