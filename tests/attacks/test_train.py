@@ -90,7 +90,7 @@ def test_resume_continues_where_the_checkpoint_stopped(tiny_model, tiny_data, tm
         if epoch == 0:
             raise Stop
 
-    checkpoint = tmp_path / "run.ckpt.pt"
+    checkpoint = tmp_path / "runs" / "run.ckpt.pt"  # a folder that does not exist yet
     with pytest.raises(Stop):
         train_patch(tiny_model, tiny_data, config, checkpoint=checkpoint, progress=False, on_epoch=stop_after_first)
     resumed = train_patch(tiny_model, tiny_data, config, checkpoint=checkpoint, resume=True, progress=False)

@@ -236,6 +236,7 @@ class _Batches:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically so an interrupted save never leaves a broken checkpoint."""
     partial = path.with_suffix(path.suffix + ".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, partial)
     partial.replace(path)
 
