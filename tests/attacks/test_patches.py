@@ -13,6 +13,7 @@ from elgs.attacks.patches import (
     eot_apply_patch,
     fixed_positions,
     patch_mask,
+    placement_positions,
     random_positions,
     random_transforms,
     square_mask,
@@ -118,6 +119,14 @@ def test_apply_patch_on_device(device, dtype):
                       fixed_positions(2, 24, 4, device=device))
     assert out.device.type == device.type and out.dtype == dtype
     assert out[:, :, 10:14, 10:14].sum().item() == out.sum().item() == 2 * 3 * 16
+
+
+def test_placement_positions_dispatch_and_reject_unknown_names():
+    assert torch.equal(placement_positions("fixed", 2, 224, 64), fixed_positions(2, 224, 64))
+    seeded = placement_positions("random", 4, 32, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(seeded, random_positions(4, 32, 8, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="'corner'"):
+        placement_positions("corner", 1, 32, 8)
 
 
 def test_random_positions_stay_inside():

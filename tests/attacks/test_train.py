@@ -107,6 +107,10 @@ def test_config_checks_name_the_bad_value():
         _config(through="slgs2")
     with pytest.raises(ValueError, match="does not fit"):
         _config(patch_size=30)
+    with pytest.raises(ValueError, match=r"through_lambda must be a number in \[0, 10\], got 11"):
+        _config(through="lgs", through_lambda=11.0)
+    with pytest.raises(ValueError, match="threshold .* got nan"):
+        _config(threshold=float("nan"))
     assert _config(optimizer="sgd", lr=None).lr == 1.0 and _config(optimizer="sgd").parametrization == "clamp"
 
 

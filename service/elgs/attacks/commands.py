@@ -7,11 +7,22 @@ import json
 from pathlib import Path
 
 from elgs.cli import CommandError
-from elgs.defenses import DEFENSES
+from elgs.defenses import DEFAULT_THRESHOLD, DEFENSES
 from elgs.models import MODELS
 
 DEFAULT_METHODS = "none,lgs,slgs,wlgs,jpeg,median,gaussian"
 DEFAULT_LAMBDAS = "2.3,2.7,3.5"
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1; anything else is a one-line usage error naming the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _load_model(name: str, weights: str, device: str | None, input_size: int | None):
@@ -44,7 +55,12 @@ def _training_data(dataset, in_memory_limit: int):
     """Small sets are decoded once and kept in memory; large ones (ImageNet) stream from disk."""
     from elgs.attacks.data import load_tensors
 
-    return load_tensors(dataset) if len(dataset) <= in_memory_limit else dataset
+    if len(dataset) > in_memory_limit:
+        return dataset
+    try:
+        return load_tensors(dataset)
+    except (FileNotFoundError, ValueError) as error:  # e.g. an undecodable image in the folder
+        raise CommandError(str(error)) from None
 
 
 def _attack_train(args: argparse.Namespace) -> int:
@@ -63,8 +79,13 @@ def _attack_train(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise CommandError(str(error)) from None
-    if args.init is not None and not Path(args.init).is_file() and not args.init.startswith("skimage:"):
-        raise CommandError(f"no such init image: {args.init}")
+    if args.init is not None:
+        from elgs.images import open_image
+
+        try:
+            open_image(args.init)  # fail now, not after the data set is loaded
+        except (FileNotFoundError, ValueError) as error:
+            raise CommandError(f"--init: {error}") from None
     dataset = _load_data(args.data, model, model.input_size)
     data = _training_data(dataset, args.in_memory_limit)
     out = Path(args.out)
@@ -97,11 +118,15 @@ def _attack_eval(args: argparse.Namespace) -> int:
     from elgs.attacks.data import resolve_target
     from elgs.attacks.evaluate import PatchSpec, evaluate, format_table, plot_accuracy, write_report
 
-    methods = _parse_list(args.methods, str, "methods")
+    methods = [method.strip() for method in _parse_list(args.methods, str, "methods")]
+    if not methods:
+        raise CommandError("--methods is empty; give e.g. none,lgs,slgs")
     unknown = [m for m in methods if m not in DEFENSES]
     if unknown:
         raise CommandError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(DEFENSES)}")
     lambdas = _parse_list(args.lambdas, float, "lambdas")
+    if not lambdas and any(DEFENSES[m].uses_lambda for m in methods):
+        raise CommandError("--lambdas is empty; give e.g. 2.3,2.7,3.5")
     try:
         patches = [PatchSpec.load(path, shape=args.shape, target=args.target) for path in args.patch]
     except (FileNotFoundError, ValueError) as error:
@@ -161,7 +186,7 @@ def add_commands(subparsers) -> None:
     train = attack_sub.add_parser(
         "train", help="train a universal targeted patch (LaVAN or Adversarial Patch)",
         description="Train a targeted patch. Defaults are the paper's protocol (SGD momentum, lr 1 -> 0.1 -> "
-                    "0.01 at 80%%/90%% of the epochs, 200 epochs of 50 batches of 20). On a CPU use e.g. "
+                    "0.01 at 80%/90% of the epochs, 200 epochs of 50 batches of 20). On a CPU use e.g. "
                     "--optimizer adam --epochs 5 --batches-per-epoch 25 (see docs/attacks.md).",
     )
     train.add_argument("--attack", default="lavan", choices=["lavan", "patch"],
@@ -170,28 +195,31 @@ def add_commands(subparsers) -> None:
     train.add_argument("--target", required=True, help="target class: index or ImageNet class name (e.g. toaster)")
     train.add_argument("--data", required=True, help="ImageNet-layout folder or a folder of images")
     train.add_argument("--out", default="patch.png", help="patch PNG; the JSON sidecar goes beside it (default patch.png)")
-    train.add_argument("--patch-size", type=int, default=52, help="patch side in pixels (default 52)")
-    train.add_argument("--image-size", type=int, default=None, help="image side (default: the model's; the paper: 400)")
+    train.add_argument("--patch-size", type=_positive_int, default=52, help="patch side in pixels (default 52)")
+    train.add_argument("--image-size", type=_positive_int, default=None,
+                       help="image side (default: the model's; the paper: 400)")
     train.add_argument("--placement", default="fixed", choices=["fixed", "random"],
                        help="fixed: top-right, 10 px in (the test placement); random: anywhere (default fixed)")
-    train.add_argument("--epochs", type=int, default=200)
-    train.add_argument("--batches-per-epoch", type=int, default=50)
-    train.add_argument("--batch-size", type=int, default=20)
+    train.add_argument("--epochs", type=_positive_int, default=200, help="epochs (default 200, as the paper)")
+    train.add_argument("--batches-per-epoch", type=_positive_int, default=50, help="batches per epoch (default 50)")
+    train.add_argument("--batch-size", type=_positive_int, default=20, help="images per batch (default 20)")
     train.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
                        help="sgd: momentum with the paper's schedule; adam: constant lr (default sgd)")
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: 1 for sgd, 0.1 for adam)")
-    train.add_argument("--momentum", type=float, default=0.9)
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     train.add_argument("--parametrization", default=None, choices=["clamp", "sigmoid"],
                        help="patch = clamp(p, 0, 1) or sigmoid(w) (default: clamp for sgd, sigmoid for adam)")
     train.add_argument("--through", default=None, choices=["lgs", "slgs", "wlgs"],
                        help="train through this defence (white-box, paper Eq. 13)")
     train.add_argument("--through-lambda", type=float, default=3.5, help="lambda of --through (default 3.5)")
-    train.add_argument("--threshold", type=float, default=0.2, help="block threshold of --through (default 0.2)")
+    train.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                       help=f"block threshold of --through (default {DEFAULT_THRESHOLD:g})")
     train.add_argument("--init", default=None, help="initialise the patch from this image (or skimage:NAME)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0,
+                       help="seeds the initial patch, image order and placements (default 0)")
     train.add_argument("--checkpoint", default=None, help="checkpoint file (default: OUT with .ckpt.pt)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
-    train.add_argument("--workers", type=int, default=2, help="data loader workers for large on-disk sets")
+    train.add_argument("--workers", type=int, default=2, help="data loader workers for large on-disk sets (default 2)")
     train.add_argument("--in-memory-limit", type=int, default=5000,
                        help="sets up to this many images are decoded once and kept in memory (default 5000)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -204,16 +232,17 @@ def add_commands(subparsers) -> None:
     evaluate.add_argument("--data", required=True, help="ImageNet-layout folder or a folder of images")
     evaluate.add_argument("--patch", required=True, nargs="+", help="patch PNG(s); their JSON sidecars give the target")
     _model_arguments(evaluate, default=None)
-    evaluate.add_argument("--image-size", type=int, default=None, help="image side (default: the patch's)")
+    evaluate.add_argument("--image-size", type=_positive_int, default=None, help="image side (default: the patch's)")
     evaluate.add_argument("--target", default=None, help="target class, when a patch has no sidecar")
     evaluate.add_argument("--shape", default=None, choices=["square", "circle"], help="patch shape (default: sidecar's)")
     evaluate.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list (default {DEFAULT_METHODS})")
     evaluate.add_argument("--lambdas", default=DEFAULT_LAMBDAS, help=f"comma list (default {DEFAULT_LAMBDAS})")
-    evaluate.add_argument("--threshold", type=float, default=0.2, help="block threshold (default 0.2)")
+    evaluate.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                          help=f"block threshold (default {DEFAULT_THRESHOLD:g})")
     evaluate.add_argument("--placement", default="fixed", choices=["fixed", "random"],
                           help="fixed: top-right, 10 px in (the paper's test); random: seeded positions")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="requests per engine batch (default 16)")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="requests per engine batch (default 16)")
+    evaluate.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N images only")
     evaluate.add_argument("--seed", type=int, default=0, help="seeds random placements")
     evaluate.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
     evaluate.add_argument("--json", default=None, help="write all numbers as JSON")
@@ -230,13 +259,13 @@ def add_commands(subparsers) -> None:
     )
     samples.add_argument("--out", required=True, help="folder to write")
     _model_arguments(samples)
-    samples.add_argument("--image-size", type=int, default=None, help="crop side (default: the model's)")
-    samples.add_argument("--train", type=int, default=200, help="training crops (default 200)")
+    samples.add_argument("--image-size", type=_positive_int, default=None, help="crop side (default: the model's)")
+    samples.add_argument("--train", type=_positive_int, default=200, help="training crops (default 200)")
     samples.add_argument("--heldout", type=int, default=100, help="held-out crops (default 100)")
     samples.add_argument("--split", default="crops", choices=["crops", "photos"],
                          help="crops: held-out crops of the same photos; photos: of disjoint photos (default crops)")
-    samples.add_argument("--min-area", type=float, default=0.3, help="smallest crop as a fraction of the photo")
+    samples.add_argument("--min-area", type=float, default=0.3, help="smallest crop as a fraction of the photo's area (default 0.3)")
     samples.add_argument("--min-confidence", type=float, default=0.3,
                          help="redraw crops whose top-1 probability is below this (default 0.3; 0 keeps all)")
-    samples.add_argument("--seed", type=int, default=0)
+    samples.add_argument("--seed", type=int, default=0, help="seeds the crops, flips and split (default 0)")
     samples.set_defaults(handler=_data_samples)

@@ -29,7 +29,7 @@ from elgs.attacks._synsets import IMAGENET_SYNSETS
 from elgs.images import SAMPLE_PHOTOS, image_to_tensor, open_image, sample_photo
 from elgs.models import LoadedModel
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".JPEG")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm")  # matched case-insensitively
 LABELS_FILE = "labels.json"
 SYNSET_PATTERN = re.compile(r"^n\d{8}$")
 SYNSET_INDEX = {synset: index for index, synset in enumerate(IMAGENET_SYNSETS)}

@@ -22,8 +22,9 @@ from skimage.metrics import structural_similarity
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from elgs.attacks.patches import apply_patch, fixed_positions, patch_mask, random_positions
-from elgs.defenses import get_defense, saliency_region
+from elgs.attacks.patches import composite, patch_mask, place, placement_positions, top_right_position
+from elgs.attacks.train import sidecar_path
+from elgs.defenses import DEFAULT_THRESHOLD, get_defense, saliency_region
 from elgs.engine import Engine, Request
 from elgs.images import image_to_tensor, open_image
 from elgs.models import LoadedModel
@@ -58,7 +59,7 @@ class PatchSpec:
         image = open_image(path)
         if image.width != image.height:
             raise ValueError(f"{path}: a patch must be square, got {image.width}x{image.height}")
-        sidecar_file = path.with_suffix(".json")
+        sidecar_file = sidecar_path(path)
         sidecar = json.loads(sidecar_file.read_text()) if sidecar_file.is_file() else {}
         resolved_shape = shape or sidecar.get("shape") or "square"
         resolved_target = target if target is not None else sidecar.get("target")
@@ -82,8 +83,9 @@ def settings(methods: list[str], lambdas: list[float]) -> list[tuple[str, float 
 
 def mean_ssim(inputs: torch.Tensor, defended: torch.Tensor) -> float:
     """Mean SSIM over a batch (B, 3, H, W) in [0, 1] (scikit-image, ``data_range=1``, per channel)."""
-    a = inputs.permute(0, 2, 3, 1).double().numpy()
-    b = defended.permute(0, 2, 3, 1).double().numpy()
+    a = inputs.permute(0, 2, 3, 1).double().cpu().numpy()
+    b = defended.permute(0, 2, 3, 1).double().cpu().numpy()
+    # structural_similarity takes one image at a time (no batched form), hence the loop over images.
     return float(np.mean([structural_similarity(x, y, channel_axis=-1, data_range=1.0) for x, y in zip(a, b)]))
 
 
@@ -147,14 +149,6 @@ def _image_chunks(data: Dataset | tuple[torch.Tensor, torch.Tensor], chunk: int,
     yield from torch.utils.data.DataLoader(data, batch_size=chunk, shuffle=False, num_workers=workers)
 
 
-def _positions(placement: str, count: int, size: int, patch_size: int, generator: torch.Generator) -> torch.Tensor:
-    if placement == "fixed":
-        return fixed_positions(count, size, patch_size)
-    if placement == "random":
-        return random_positions(count, size, patch_size, generator=generator)
-    raise ValueError(f"placement must be 'fixed' or 'random', got {placement!r}")
-
-
 def evaluate(
     model: LoadedModel,
     data: Dataset | tuple[torch.Tensor, torch.Tensor],
@@ -166,7 +160,7 @@ def evaluate(
     batch_size: int = 16,
     limit: int | None = None,
     seed: int = 0,
-    threshold: float = 0.2,
+    threshold: float = DEFAULT_THRESHOLD,
     progress: bool = True,
     chunk: int = 256,
     workers: int = 0,
@@ -196,15 +190,28 @@ def evaluate(
     """
     if placement not in ("fixed", "random"):
         raise ValueError(f"placement must be 'fixed' or 'random', got {placement!r}")
+    size = model.input_size
     for spec in patches:
         if not isinstance(spec.target, int):
             raise ValueError(f"{spec.path}: target must be resolved to a class index, got {spec.target!r}")
+        patch_size = spec.patch.shape[-1]
+        if placement == "fixed":
+            top_right_position(size, patch_size)  # raises when the patch does not fit
+        elif patch_size > size:
+            raise ValueError(f"{spec.path}: a {patch_size} px patch does not fit a {size} px image")
+    if batch_size < 1 or chunk < 1:
+        raise ValueError(f"batch_size and chunk must be >= 1, got {batch_size} and {chunk}")
     total = len(data[0]) if isinstance(data, tuple) else len(data)
     total = total if limit is None else min(limit, total)
-    if total == 0:
+    if total <= 0:
         raise ValueError("no images to evaluate")
     engine = Engine(model)
     table = settings(methods, lambdas)
+    if not table:
+        raise ValueError(f"nothing to evaluate: methods {methods} with lambdas {lambdas} give no setting")
+    for method, lam in table:  # bad names and out-of-range values fail here, before any work
+        engine.resolve(Request(image=torch.zeros(3, size, size), task="defend", method=method, lam=lam,
+                               threshold=threshold))
     # Per setting: sums over images; per setting and patch: sums over images.
     sums = [{"clean_correct": 0.0, "ssim_clean": 0.0, "seconds": 0.0, "processed": 0,
              "attacks": [{"correct": 0.0, "eligible": 0.0, "hits": 0.0, "fooled": 0.0, "restored": 0.0,
@@ -215,18 +222,17 @@ def evaluate(
     seen = 0
     for images, labels in _image_chunks(data, chunk, limit, workers):
         labels = torch.as_tensor(labels)
-        size = images.shape[-1]
-        if images.shape[-2:] != (model.input_size, model.input_size):
-            raise ValueError(f"images are {tuple(images.shape[-2:])}, the model takes {model.input_size}x{model.input_size}")
+        if images.shape[-2:] != (size, size):
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, the model takes {size}x{size}")
         seen += len(images)
         patched_sets, masks = [], []
         for spec, generator in zip(patches, generators):
             patch_size = spec.patch.shape[-1]
-            positions = _positions(placement, len(images), size, patch_size, generator)
-            mask = patch_mask(spec.shape, patch_size)
-            patched_sets.append(apply_patch(images, spec.patch, mask, positions))
-            masks.append(apply_patch(torch.zeros_like(images[:, :1]), torch.ones(1, patch_size, patch_size), mask,
-                                     positions))
+            positions = placement_positions(placement, len(images), size, patch_size, generator=generator)
+            patch_canvas, mask_canvas = place(spec.patch.to(images.dtype), patch_mask(spec.shape, patch_size),
+                                              positions, size, size)
+            patched_sets.append(composite(images, patch_canvas, mask_canvas))
+            masks.append(mask_canvas)
         for (method, lam), acc in zip(table, sums):
             bar.set_postfix(method=method if lam is None else f"{method} {lam:g}")
             clean = run_engine(engine, images, method, lam, threshold, batch_size)
@@ -331,20 +337,17 @@ def plot_accuracy(report: dict, path: str | Path) -> None:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     names = [p["name"] for p in report["patches"]]
-    lambdas = sorted({row["lambda"] for row in report["rows"] if row["lambda"] is not None})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = list(dict.fromkeys(row["method"] for row in report["rows"]))
     for index, method in enumerate(methods):
         rows = [row for row in report["rows"] if row["method"] == method]
         colour = colours[index % len(colours)]
         label = "no defence" if method == "none" else method.upper()
-        if rows[0]["lambda"] is None:
-            if not lambdas:
-                continue
-            axes.hlines(100 * rows[0]["clean_accuracy"], lambdas[0], lambdas[-1], colors=colour, linestyles="--")
+        if rows[0]["lambda"] is None:  # does not depend on lambda: a line across the whole axis
+            axes.axhline(100 * rows[0]["clean_accuracy"], color=colour, linestyle="--")
             for name in names:
-                axes.hlines(100 * rows[0]["attacks"][name]["accuracy"], lambdas[0], lambdas[-1], colors=colour,
-                            label=f"{label} ({name})" if len(names) > 1 else label)
+                axes.axhline(100 * rows[0]["attacks"][name]["accuracy"], color=colour,
+                             label=f"{label} ({name})" if len(names) > 1 else label)
             continue
         xs = [row["lambda"] for row in rows]
         axes.plot(xs, [100 * row["clean_accuracy"] for row in rows], "--o", color=colour, markersize=3)

@@ -75,6 +75,17 @@ def random_positions(batch: int, image_size: int, patch_size: int, *, generator:
     return positions.to(device)
 
 
+def placement_positions(placement: str, batch: int, image_size: int, patch_size: int, *,
+                        generator: torch.Generator | None = None,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """``fixed`` (the test placement) or ``random`` positions for a batch, (B, 2) long ``(top, left)``."""
+    if placement == "fixed":
+        return fixed_positions(batch, image_size, patch_size, device=device)
+    if placement == "random":
+        return random_positions(batch, image_size, patch_size, generator=generator, device=device)
+    raise ValueError(f"placement must be 'fixed' or 'random', got {placement!r}")
+
+
 def place(patch: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lay a patch and its mask onto image-sized canvases, one per position.
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from elgs.defenses import DefenseInput, get_defense, topk_saliency
+from elgs.defenses import DEFAULT_THRESHOLD, DefenseInput, get_defense, topk_saliency
 from elgs.models import LoadedModel
 
 THROUGH_METHODS = ("lgs", "slgs", "wlgs")
 
 
 def defend_differentiable(model: LoadedModel, x: torch.Tensor, method: str, lam: float,
-                          threshold: float = 0.2) -> torch.Tensor:
+                          threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
     """Defended pixel-space images, differentiable in ``x`` (see the module docstring).
 
     Args:
@@ -54,7 +54,7 @@ def defend_differentiable(model: LoadedModel, x: torch.Tensor, method: str, lam:
 
 
 def logits_through(model: LoadedModel, x: torch.Tensor, method: str | None, lam: float,
-                   threshold: float = 0.2) -> torch.Tensor:
+                   threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
     """Logits (B, N) of ``x`` after the defence ``method`` (None: no defence)."""
     if method is not None:
         x = defend_differentiable(model, x, method, lam, threshold)

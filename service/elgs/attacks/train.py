@@ -28,14 +28,14 @@ from elgs.attacks.losses import lavan_loss, target_cross_entropy, targeted_succe
 from elgs.attacks.patches import (
     apply_patch,
     eot_apply_patch,
-    fixed_positions,
     patch_mask,
-    random_positions,
+    placement_positions,
     random_transforms,
     top_right_position,
 )
 from elgs.attacks.schedule import paper_scheduler
 from elgs.attacks.through import THROUGH_METHODS, logits_through
+from elgs.defenses import DEFAULT_THRESHOLD, LAMBDA_RANGE, THRESHOLD_RANGE
 from elgs.images import encode_png, image_to_tensor, open_image
 from elgs.models import LoadedModel
 
@@ -83,7 +83,7 @@ class AttackConfig:
     parametrization: Literal["clamp", "sigmoid"] | None = None
     through: str | None = None
     through_lambda: float = 3.5
-    threshold: float = 0.2
+    threshold: float = DEFAULT_THRESHOLD
     scale_range: tuple[float, float] = (0.8, 1.2)
     max_rotation_deg: float = 45.0
     seed: int = 0
@@ -100,6 +100,10 @@ class AttackConfig:
         for name in ("epochs", "batches_per_epoch", "batch_size", "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, (low, high) in (("through_lambda", LAMBDA_RANGE), ("threshold", THRESHOLD_RANGE)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low <= value <= high):  # NaN fails the range test too
+                raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value}")
         top_right_position(self.image_size, self.patch_size)  # raises when the patch does not fit
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
@@ -141,11 +145,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _logit(p: torch.Tensor) -> torch.Tensor:
-    p = p.clamp(1e-3, 1 - 1e-3)
-    return torch.log(p) - torch.log1p(-p)
-
-
 def initial_patch(config: AttackConfig, init: str | Path | None = None) -> torch.Tensor:
     """Uniform random noise (seeded), or the image ``init`` resized to the patch (the paper's
     image-initialised patch); (3, s, s) in [0, 1]."""
@@ -160,7 +159,7 @@ class PatchParameter:
 
     def __init__(self, patch: torch.Tensor, parametrization: str) -> None:
         self.parametrization = parametrization
-        value = _logit(patch) if parametrization == "sigmoid" else patch.clone()
+        value = torch.logit(patch, eps=1e-3) if parametrization == "sigmoid" else patch.clone()
         self.tensor = value.detach().clone().requires_grad_(True)
 
     def patch(self) -> torch.Tensor:
@@ -190,10 +189,7 @@ def patched_batch(images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor,
             transforms[:, 2] = top + config.patch_size / 2
             transforms[:, 3] = left + config.patch_size / 2
         return eot_apply_patch(images, patch, mask, transforms)
-    if config.placement == "fixed":
-        positions = fixed_positions(batch, size, config.patch_size)
-    else:
-        positions = random_positions(batch, size, config.patch_size, generator=generator)
+    positions = placement_positions(config.placement, batch, size, config.patch_size, generator=generator)
     return apply_patch(images, patch, mask, positions)
 
 
@@ -389,7 +385,7 @@ def save_patch(result: TrainResult, out: str | Path, model: LoadedModel, extra: 
         "placement": config.placement,
         "epochs": config.epochs,
         "through": config.through,
-        "final_success_rate": result.final_success_rate,
+        "final_success_rate": None if math.isnan(result.final_success_rate) else result.final_success_rate,
         "epoch_loss": result.epoch_loss,
         "epoch_success": result.epoch_success,
         "train_seconds": round(result.seconds, 1),
