@@ -13,6 +13,10 @@ def test_milestones_scale_with_epochs():
     assert scaled_milestones(10) == (8, 9)
     assert scaled_milestones(20) == (16, 18)
     assert scaled_milestones(1) == (1, 1)  # a single epoch runs at lr 1 throughout
+    assert scaled_milestones(2) == (2, 2)
+    assert scaled_milestones(5) == (3, 4)  # every stage keeps an epoch: 1, 1, 1, 0.1, 0.01
+    assert scaled_milestones(3) == (1, 2)
+    assert scaled_milestones(25) == (20, 23)  # 22.5 rounds half up
     with pytest.raises(ValueError, match="0"):
         scaled_milestones(0)
 

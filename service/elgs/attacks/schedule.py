@@ -1,10 +1,13 @@
 """The paper's learning-rate schedule for patch training, scaled to any number of epochs.
 
 Cheng & Wang (and LaVAN) train 200 epochs with SGD + momentum: lr 1 for 160 epochs, 0.1 for 20, 0.01
-for 20. With ``E`` epochs the milestones become ``round(0.8 E)`` and ``round(0.9 E)``.
+for 20. With ``E`` epochs the milestones become ``0.8 E`` and ``0.9 E`` rounded half up, moved so that
+each of the three stages keeps at least one epoch when ``E >= 3``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -18,14 +21,16 @@ def scaled_milestones(epochs: int) -> tuple[int, int]:
     """Epochs at which the lr drops tenfold, the paper's 160/180 of 200 scaled to ``epochs``.
 
     Example:
-        >>> scaled_milestones(200), scaled_milestones(10), scaled_milestones(5)
-        ((160, 180), (8, 9), (4, 4))
+        >>> scaled_milestones(200), scaled_milestones(10), scaled_milestones(5), scaled_milestones(2)
+        ((160, 180), (8, 9), (3, 4), (2, 2))
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    first = round(epochs * PAPER_MILESTONES[0] / PAPER_EPOCHS)
-    second = round(epochs * PAPER_MILESTONES[1] / PAPER_EPOCHS)
-    return first, max(first, second)
+    if epochs < 3:  # too short for three stages: lr 1 throughout
+        return epochs, epochs
+    first = min(math.floor(epochs * PAPER_MILESTONES[0] / PAPER_EPOCHS + 0.5), epochs - 2)
+    second = min(math.floor(epochs * PAPER_MILESTONES[1] / PAPER_EPOCHS + 0.5), epochs - 1)
+    return first, max(first + 1, second)
 
 
 def paper_lr(epoch: int, epochs: int, base_lr: float = PAPER_LR) -> float:
