@@ -1,8 +1,10 @@
-// The elgs web page: pick an image, model, method and lambda; POST /defend/{method}; show the answer.
+// The elgs web page: pick an image, model, method and lambda (optionally paste the shipped sample patch);
+// POST /defend/{method} and /saliency; show both top-5 lists, the saliency region, the attack score and verdict.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], defenses: [] };
+const state = { models: [], defenses: [], estimators: [], patch: null };
+const PATCH_MARGIN = 10; // the paper's test placement: top-right, 10 px from both edges (at the trained size)
 
 function authHeaders() {
   const key = $("api-key").value.trim();
@@ -44,6 +46,21 @@ function syncLambda() {
   $("lambda-value").textContent = usesLambda ? $("lambda").value : "n/a";
 }
 
+// Saliency estimators as GET /defenses lists them (absent on servers without a choice: the select hides).
+function fillEstimators(catalogue) {
+  state.estimators = catalogue.saliency_estimators || catalogue.estimators || [];
+  const keep = document.createElement("option");
+  keep.value = "";
+  keep.textContent = "model default";
+  $("saliency").replaceChildren(keep, ...state.estimators.map((estimator) => {
+    const option = document.createElement("option");
+    option.value = estimator.name;
+    option.textContent = estimator.summary ? `${estimator.name}: ${estimator.summary}` : estimator.name;
+    return option;
+  }));
+  $("saliency").closest("label").hidden = state.estimators.length === 0;
+}
+
 async function loadCatalogue() {
   try {
     const [models, defenses] = await Promise.all([fetchJSON("models"), fetchJSON("defenses")]);
@@ -53,6 +70,7 @@ async function loadCatalogue() {
     $("model").value = models.default;
     fillSelect($("method"), state.defenses, (d) => `${d.name}: ${d.summary}`);
     $("method").value = state.defenses.some((d) => d.name === "slgs") ? "slgs" : state.defenses[0].name;
+    fillEstimators(defenses);
     $("lambda").value = selectedModel().default_lambda;
     syncLambda();
     document.body.dataset.ready = "true";
@@ -74,27 +92,122 @@ function fillPredictions(list, predictions) {
   }));
 }
 
+async function loadImage(source) {
+  const image = new Image();
+  image.src = source;
+  await image.decode();
+  return image;
+}
+
+async function samplePatch() {
+  if (!state.patch) {
+    const [meta, image] = await Promise.all([fetchJSON("static/sample-patch.json"),
+                                             loadImage("static/sample-patch.png")]);
+    state.patch = { meta, image };
+    $("patch-info").textContent = `(${meta.patch_size} px ${meta.attack} -> ${meta.target_label}, ` +
+      `trained on ${meta.model})`;
+  }
+  return state.patch;
+}
+
+// The image the service will see, resized here to the model's input size, with the sample patch pasted at
+// the paper's test placement. The patch and its 10 px margin scale with the input size when it differs from
+// the size the patch was trained at (224 for efficientnet_lite0: there it is pasted pixel for pixel).
+async function withSamplePatch(file, size) {
+  const { meta, image: patch } = await samplePatch();
+  const url = URL.createObjectURL(file);
+  let photo;
+  try { photo = await loadImage(url); } finally { URL.revokeObjectURL(url); }
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = size;
+  const context = canvas.getContext("2d");
+  context.imageSmoothingQuality = "high";
+  context.drawImage(photo, 0, 0, size, size);
+  const scale = size / meta.image_size;
+  const side = Math.max(1, Math.round(meta.patch_size * scale));
+  const margin = Math.round(PATCH_MARGIN * scale);
+  context.imageSmoothingEnabled = side !== patch.naturalWidth;
+  context.drawImage(patch, size - margin - side, margin, side, side);
+  return new Promise((resolve, reject) => canvas.toBlob(
+    (blob) => (blob ? resolve(blob) : reject(new Error("the browser could not encode the pasted image"))),
+    "image/png"));
+}
+
+// The saliency region (white inside) tinted red over the input, both at the model's input size.
+async function drawSaliency(inputBlob, regionBase64, size) {
+  const url = URL.createObjectURL(inputBlob);
+  let input, region;
+  try {
+    [input, region] = await Promise.all([loadImage(url), loadImage(`data:image/png;base64,${regionBase64}`)]);
+  } finally { URL.revokeObjectURL(url); }
+  const tint = document.createElement("canvas");
+  tint.width = tint.height = size;
+  const tintContext = tint.getContext("2d");
+  tintContext.drawImage(region, 0, 0, size, size);
+  tintContext.globalCompositeOperation = "multiply"; // white -> red, black stays black
+  tintContext.fillStyle = "#ff0000";
+  tintContext.fillRect(0, 0, size, size);
+  const view = $("saliency-view");
+  view.width = view.height = size;
+  const context = view.getContext("2d");
+  context.drawImage(input, 0, 0, size, size);
+  context.globalCompositeOperation = "screen"; // black adds nothing; red saturates the red channel
+  context.globalAlpha = 0.75;
+  context.drawImage(tint, 0, 0);
+  context.globalCompositeOperation = "source-over";
+  context.globalAlpha = 1;
+  view.dataset.drawn = "true";
+}
+
+function showVerdict(answer) {
+  if (typeof answer.attack_score !== "number") { $("verdict").hidden = true; return; }
+  $("verdict").hidden = false;
+  const threshold = typeof answer.attack_threshold === "number" ? ` (threshold ${answer.attack_threshold.toFixed(3)})` : "";
+  $("attack-score").textContent = `${answer.attack_score.toFixed(3)} of 2${threshold}`;
+  const attacked = Boolean(answer.attacked);
+  $("attack-verdict").textContent = attacked ? "attacked" : "looks clean";
+  $("attack-verdict").className = `verdict ${attacked ? "attacked" : "clean"}`;
+  const final = answer.final_predictions && answer.final_predictions[0];
+  $("final-answer").textContent = final
+    ? `${final.label} (${(100 * final.score).toFixed(1)}%), from the ${attacked ? "defended" : "original"} image`
+    : "";
+}
+
 async function defend(event) {
   event.preventDefault();
   const file = $("image").files[0];
   if (!file) { showStatus("Choose an image first.", true); return; }
+  const model = selectedModel();
   const defense = selectedDefense();
   const params = new URLSearchParams({ model: $("model").value });
   if (defense && defense.parameters.lambda) params.set("lambda", $("lambda").value);
-  const form = new FormData();
-  form.append("image", file);
-  $("original").src = URL.createObjectURL(file);
+  const saliencyParams = new URLSearchParams({ model: $("model").value });
+  if ($("saliency").value) {
+    saliencyParams.set("saliency", $("saliency").value);
+    if (defense && defense.needs_saliency) params.set("saliency", $("saliency").value);
+  }
   $("run").disabled = true;
   document.body.dataset.state = "running";
   showStatus(`Running ${defense ? defense.name : ""}...`);
   try {
-    const answer = await fetchJSON(`defend/${encodeURIComponent($("method").value)}?${params}`,
-                                   { method: "POST", body: form });
+    const pasted = $("paste-patch").checked;
+    const body = pasted ? await withSamplePatch(file, model.input_size) : file;
+    $("original").src = URL.createObjectURL(body);
+    $("input-note").textContent = pasted ? `(sample patch pasted, ${model.input_size} px)` : "";
+    const form = () => { const data = new FormData(); data.append("image", body, pasted ? "pasted.png" : file.name); return data; };
+    const [answer, saliency] = await Promise.all([
+      fetchJSON(`defend/${encodeURIComponent($("method").value)}?${params}`, { method: "POST", body: form() }),
+      fetchJSON(`saliency?${saliencyParams}`, { method: "POST", body: form() }),
+    ]);
     $("mask").src = `data:image/png;base64,${answer.mask}`;
     $("defended").src = `data:image/png;base64,${answer.image}`;
     $("method-name").textContent = `(${answer.method}${answer.lambda === null ? "" : `, lambda ${answer.lambda}`})`;
     fillPredictions($("original-predictions"), answer.original_predictions);
     fillPredictions($("defended-predictions"), answer.predictions);
+    showVerdict(answer);
+    const estimator = saliency.saliency_method || $("saliency").value;
+    $("saliency-note").textContent = `(red${estimator ? `, ${estimator}` : ""})`;
+    await drawSaliency(body, saliency.region, model.input_size);
     $("meta").textContent = `${answer.model} (${answer.weights} weights), batch of ${answer.batch_size}, ` +
       `${answer.timing_ms.total.toFixed(0)} ms`;
     showStatus("Done.");
@@ -113,6 +226,9 @@ $("lambda").addEventListener("input", syncLambda);
 $("model").addEventListener("change", () => {
   const model = selectedModel();
   if (model) { $("lambda").value = model.default_lambda; syncLambda(); }
+});
+$("paste-patch").addEventListener("change", () => {
+  if ($("paste-patch").checked) samplePatch().catch((error) => showStatus(`No sample patch: ${error.message}`, true));
 });
 $("api-key").addEventListener("change", loadCatalogue);
 loadCatalogue();
