@@ -2,9 +2,12 @@
 
 Pass 1 is one forward on the original images; it carries the input gradient only when a request
 of the batch needs a saliency map (``slgs``, ``wlgs``, the ``saliency`` task), and then one backward
-of those requests' summed losses. The defences run batched per method. Pass 2 is one forward on
-all defended images. The engine knows nothing of HTTP; the batcher, the CLI and the attack
-evaluation call it.
+of those requests' summed losses. A ``smoothgrad`` request adds its noisy copies to that same
+forward (:func:`elgs.defenses.saliency_pass`). The defences run batched per method. Pass 2 is one
+forward on all defended images. Every ``defend`` result carries the attack score (L1 distance of
+the two softmax vectors), the decision against the model's calibrated threshold
+(:mod:`elgs.thresholds`) and the predictions to trust. The engine knows nothing of HTTP; the
+batcher, the CLI and the attack evaluation call it.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from elgs.defenses import (
     LAMBDA_RANGE,
     THRESHOLD_RANGE,
     DefenseInput,
+    SaliencyConfig,
     get_defense,
-    saliency_from_loss,
+    parse_saliency,
+    saliency_pass,
     saliency_region,
-    topk_loss,
 )
 from elgs.models import LoadedModel
+from elgs.thresholds import SCORE_RANGE, AttackThresholds, load_thresholds
 
 Task = Literal["classify", "defend", "saliency"]
 TOP_K = 5
@@ -54,6 +59,10 @@ class Request:
         method: a registered defence name (``defend`` only).
         lam: smoothing factor; None takes the model's default.
         threshold: gradient-map block threshold; None takes 0.2.
+        saliency: saliency estimator spec (:func:`elgs.defenses.parse_saliency`), used by ``slgs``,
+            ``wlgs`` and the ``saliency`` task; None takes the model's default. Resolved requests hold
+            the canonical spec.
+        attack_threshold: attack-score threshold in [0, 2] overriding the calibrated one (``defend``).
     """
 
     image: torch.Tensor
@@ -61,6 +70,8 @@ class Request:
     method: str = "none"
     lam: float | None = None
     threshold: float | None = None
+    saliency: str | None = None
+    attack_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,11 @@ class Result:
         threshold: the threshold used (None where the method has none).
         batch_size: how many requests shared the batch.
         timing_ms: the batch's ``pass1``, ``defense`` and ``pass2`` wall times.
+        saliency_method: canonical spec of the saliency estimator used (None when none was).
+        attack_score: L1 distance between the softmax vectors of pass 1 and pass 2, in [0, 2] (``defend``).
+        attack_threshold: the threshold ``attacked`` was decided with (None: not calibrated).
+        attacked: ``attack_score > attack_threshold``; None when there is no threshold.
+        final_predictions: the defended top-5 when attacked (or undecided), else the original top-5.
     """
 
     predictions: list[Prediction]
@@ -99,6 +115,11 @@ class Result:
     threshold: float | None = None
     batch_size: int = 1
     timing_ms: dict[str, float] = field(default_factory=dict)
+    saliency_method: str | None = None
+    attack_score: float | None = None
+    attack_threshold: float | None = None
+    attacked: bool | None = None
+    final_predictions: list[Prediction] | None = None
 
 
 def _check_range(name: str, value: float, bounds: tuple[float, float]) -> float:
@@ -108,11 +129,70 @@ def _check_range(name: str, value: float, bounds: tuple[float, float]) -> float:
     return value
 
 
-class Engine:
-    """Runs batches of :class:`Request` through one :class:`~elgs.models.LoadedModel`."""
+def attack_scores(original_logits: torch.Tensor, defended_logits: torch.Tensor) -> torch.Tensor:
+    """L1 distance between the softmax vectors of the same images before and after the defence.
 
-    def __init__(self, model: LoadedModel) -> None:
+    Args:
+        original_logits: tensor of shape (B, N).
+        defended_logits: tensor of shape (B, N).
+
+    Returns:
+        tensor of shape (B,) in [0, 2] (float32).
+    """
+    if original_logits.shape != defended_logits.shape or original_logits.ndim != 2:
+        raise ValueError(f"logits must both have shape (B, N), got {tuple(original_logits.shape)} "
+                         f"and {tuple(defended_logits.shape)}")
+    original = torch.softmax(original_logits.detach().float(), dim=1)
+    defended = torch.softmax(defended_logits.detach().float(), dim=1)
+    return (original - defended).abs().sum(dim=1).clamp(*SCORE_RANGE)
+
+
+def decide(score: float, threshold: float | None) -> bool | None:
+    """``score > threshold``; None without a threshold."""
+    return None if threshold is None else bool(score > threshold)
+
+
+class Engine:
+    """Runs batches of :class:`Request` through one :class:`~elgs.models.LoadedModel`.
+
+    Args:
+        model: the loaded model.
+        thresholds: attack-score thresholds; None reads the calibration files for ``model``
+            (:func:`elgs.thresholds.load_thresholds`), which finds none for random weights.
+    """
+
+    def __init__(self, model: LoadedModel, thresholds: AttackThresholds | None = None) -> None:
         self.model = model
+        if thresholds is None:
+            thresholds = load_thresholds(model.name, model.input_size, model.weights)
+        self.thresholds = thresholds
+
+    @property
+    def default_saliency(self) -> SaliencyConfig:
+        """The model's own estimator (``ModelSpec.default_saliency``)."""
+        return parse_saliency(getattr(self.model.spec, "default_saliency", "gradient"))
+
+    def saliency_config(self, spec: str | None) -> SaliencyConfig:
+        """``spec`` resolved against the model's default (None: the default itself).
+
+        Raises:
+            InvalidParameterError: the spec is malformed or out of range.
+        """
+        default = self.default_saliency
+        if spec is None:
+            return default
+        try:
+            return parse_saliency(spec, base=default)
+        except (ValueError, TypeError) as error:
+            raise InvalidParameterError(f"saliency: {error}") from None
+
+    def attack_threshold(self, request: Request) -> float | None:
+        """The threshold that decides ``attacked`` for a resolved ``defend`` request."""
+        if request.attack_threshold is not None:
+            return request.attack_threshold
+        if self.thresholds is None:
+            return None
+        return self.thresholds.lookup(request.method, request.lam, request.saliency)
 
     def resolve(self, request: Request) -> Request:
         """Validate ``request`` and fill its defaults.
@@ -128,8 +208,13 @@ class Engine:
             raise InvalidParameterError(
                 f"image must have shape (3, {size}, {size}) for {self.model.name}, got {tuple(request.image.shape)}"
             )
-        if request.task != "defend":
-            return request
+        attack_threshold = request.attack_threshold
+        if attack_threshold is not None:
+            attack_threshold = _check_range("attack_threshold", attack_threshold, SCORE_RANGE)
+        if request.task == "classify":
+            return Request(image=request.image, task="classify")
+        if request.task == "saliency":
+            return Request(image=request.image, task="saliency", saliency=self.saliency_config(request.saliency).spec)
         try:
             defense = get_defense(request.method)
         except KeyError as error:
@@ -141,7 +226,9 @@ class Engine:
         if defense.uses_threshold:
             threshold = _check_range("threshold", DEFAULT_THRESHOLD if request.threshold is None
                                      else request.threshold, THRESHOLD_RANGE)
-        return Request(image=request.image, task="defend", method=request.method, lam=lam, threshold=threshold)
+        saliency = self.saliency_config(request.saliency).spec if defense.needs_saliency else None
+        return Request(image=request.image, task="defend", method=request.method, lam=lam, threshold=threshold,
+                       saliency=saliency, attack_threshold=attack_threshold)
 
     def _needs_saliency(self, request: Request) -> bool:
         return request.task == "saliency" or (request.task == "defend" and get_defense(request.method).needs_saliency)
@@ -156,17 +243,11 @@ class Engine:
             for row_scores, row_indices in zip(scores.tolist(), indices.tolist())
         ]
 
-    def _pass1(self, x: torch.Tensor, saliency_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, N) and, when ``saliency_rows`` is not empty, ``S`` (B, H, W) (zeros elsewhere)."""
-        if not saliency_rows:
-            with torch.inference_mode():
-                return self.model.module(self.model.normalize(x)), None
-        with torch.enable_grad():
-            x_input = x.detach().clone().requires_grad_(True)
-            logits = self.model.module(self.model.normalize(x_input))
-            loss = topk_loss(logits[saliency_rows], TOP_K)
-            saliency = saliency_from_loss(loss, x_input)
-        return logits.detach(), saliency.detach()
+    def _pass1(self, x: torch.Tensor, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, N) and, when a request needs one, ``S`` (B, H, W) (zeros elsewhere): one model call."""
+        configs = [parse_saliency(r.saliency) if self._needs_saliency(r) else None for r in requests]
+        result = saliency_pass(self.model.module, x, self.model.normalize, configs, k=TOP_K)
+        return result.logits, result.saliency
 
     def _defend(self, x: torch.Tensor, requests: Sequence[Request], rows: list[int],
                 saliency: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +269,9 @@ class Engine:
                 threshold=torch.tensor([requests[r].threshold or 0.0 for r in batch_rows], dtype=x.dtype,
                                        device=x.device),
                 saliency=saliency[index] if defense.needs_saliency else None,
+                saliency_quantile=torch.tensor(
+                    [parse_saliency(requests[r].saliency).quantile for r in batch_rows], dtype=x.dtype,
+                    device=x.device) if defense.needs_saliency else None,
             ))
             target = torch.tensor(positions, device=x.device)
             images[target] = output.image.to(x.dtype)
@@ -209,19 +293,21 @@ class Engine:
         defend_rows = [i for i, r in enumerate(requests) if r.task == "defend"]
 
         started = time.perf_counter()
-        logits, saliency = self._pass1(x, saliency_rows)
+        logits, saliency = self._pass1(x, requests)
         original = self._top_k(logits)
         timing = {"pass1": (time.perf_counter() - started) * 1000}
 
         started = time.perf_counter()
         defended_predictions: list[list[Prediction]] = []
-        images = masks = None
+        images = masks = scores = None
         if defend_rows:
             images, masks = self._defend(x, requests, defend_rows, saliency)
             timing["defense"] = (time.perf_counter() - started) * 1000
             started = time.perf_counter()
             with torch.inference_mode():
-                defended_predictions = self._top_k(self.model.module(self.model.normalize(images)))
+                defended_logits = self.model.module(self.model.normalize(images))
+            defended_predictions = self._top_k(defended_logits)
+            scores = attack_scores(logits[defend_rows], defended_logits).tolist()
             timing["pass2"] = (time.perf_counter() - started) * 1000
             images, masks = images.cpu(), masks.cpu()
         saliency_cpu = saliency.cpu() if saliency is not None else None
@@ -235,8 +321,13 @@ class Engine:
                 result.defended_predictions = defended_predictions[p]
                 result.image, result.mask = images[p], masks[p]
                 result.lam, result.threshold = request.lam, request.threshold
+                result.attack_score = scores[p]
+                result.attack_threshold = self.attack_threshold(request)
+                result.attacked = decide(scores[p], result.attack_threshold)
+                result.final_predictions = original[i] if result.attacked is False else defended_predictions[p]
             if saliency_cpu is not None and i in saliency_rows:
                 result.saliency = saliency_cpu[i]
+                result.saliency_method = request.saliency
                 if request.task == "saliency":
                     result.region = saliency_region(saliency_cpu[i : i + 1])[0]
             results.append(result)

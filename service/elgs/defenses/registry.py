@@ -26,6 +26,7 @@ class DefenseInput:
         lam: smoothing factor per image, (B,).
         threshold: gradient-map block threshold per image, (B,).
         saliency: ``S`` per image, (B, H, W), when the defence needs it.
+        saliency_quantile: WLGS weight normalisation quantile per image, (B,) (None: 1, the paper's min-max).
     """
 
     x: torch.Tensor
@@ -34,6 +35,7 @@ class DefenseInput:
     lam: torch.Tensor
     threshold: torch.Tensor
     saliency: torch.Tensor | None = None
+    saliency_quantile: torch.Tensor | None = None
 
     def normalized(self) -> torch.Tensor:
         """``(x - mean) / std``, (B, 3, H, W)."""
@@ -156,7 +158,9 @@ register(Defense(
     name="wlgs",
     summary="Weighted LGS: gradient map weighted by the normalised saliency map",
     needs_saliency=True, uses_lambda=True, uses_threshold=True,
-    apply=_gradient_defense(lambda b, xn: transforms.wlgs_mask(xn, _require_saliency(b), threshold=b.threshold)),
+    apply=_gradient_defense(lambda b, xn: transforms.wlgs_mask(
+        xn, _require_saliency(b), threshold=b.threshold,
+        quantile=1.0 if b.saliency_quantile is None else b.saliency_quantile)),
 ))
 register(Defense(
     name="jpeg", summary="JPEG compression at quality 75 (baseline)",

