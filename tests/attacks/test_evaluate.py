@@ -20,6 +20,7 @@ from elgs.attacks.evaluate import (
     settings,
     write_report,
 )
+from elgs.attacks.metrics import auroc
 from elgs.attacks.patches import apply_patch, fixed_positions, square_mask
 from elgs.attacks.train import AttackConfig, save_patch, train_patch
 from elgs.engine import Engine, Request
@@ -181,3 +182,53 @@ def _close(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return a == pytest.approx(b, rel=1e-5, abs=1e-6)
     return a == b
+
+
+def test_attack_score_detector_and_final_predictions(pipeline):
+    """The detector columns against a direct engine run: AUROC of its scores, flags at a threshold, and
+    final_predictions that follow the flag (never flagged: the original answer; always: the defended one)."""
+    model, images, spec, _, _ = pipeline
+    labels = predict_labels(model, images)
+    patched = apply_patch(images, spec.patch, square_mask(10), fixed_positions(len(images), 32, 10))
+    engine = Engine(model)
+    scores = {name: torch.tensor([r.attack_score for r in engine.run(
+        [Request(image=x, task="defend", method="lgs", lam=3.5) for x in batch])], dtype=torch.float64)
+        for name, batch in (("clean", images), ("patched", patched))}
+    middle = float(torch.cat(list(scores.values())).median())
+    reports = {threshold: evaluate(model, (images, labels), [spec], methods=["none", "lgs"], lambdas=[3.5],
+                                   batch_size=4, attack_threshold=threshold, progress=False)
+               for threshold in (0.0, middle, 2.0)}
+    rows = {threshold: {row["method"]: row for row in report["rows"]} for threshold, report in reports.items()}
+    lgs = rows[middle]["lgs"]
+    attack = lgs["attacks"][spec.name]
+    assert attack["auroc"] == pytest.approx(auroc(scores["clean"], scores["patched"]))
+    assert lgs["attack_threshold"] == middle
+    assert lgs["clean_flagged"] == pytest.approx(float((scores["clean"] > middle).double().mean()))
+    assert attack["detection_rate"] == pytest.approx(float((scores["patched"] > middle).double().mean()))
+    fooled = rows[middle]["none"]["attacks"][spec.name]["undefended_success_rate"]
+    assert fooled > 0 and attack["auroc_fooled"] is not None
+    # Threshold 2: nothing is flagged, the final answer is the original one (what 'none' scores).
+    never = rows[2.0]["lgs"]
+    assert never["clean_flagged"] == 0 and never["attacks"][spec.name]["detection_rate"] == 0
+    assert never["clean_final_accuracy"] == 1.0  # labels are the clean predictions
+    assert never["attacks"][spec.name]["final_accuracy"] == rows[2.0]["none"]["attacks"][spec.name]["accuracy"]
+    assert never["attacks"][spec.name]["final_restored_rate"] == 0
+    # Threshold 0: every image LGS changed at all is flagged, the final answer is the defended one.
+    always = rows[0.0]["lgs"]
+    assert always["attacks"][spec.name]["detection_rate"] == 1.0
+    assert always["clean_final_accuracy"] == always["clean_accuracy"]
+    assert always["attacks"][spec.name]["final_accuracy"] == always["attacks"][spec.name]["accuracy"]
+    assert always["attacks"][spec.name]["final_restored_rate"] == always["attacks"][spec.name]["restored_rate"]
+    # 'none' changes nothing: score 0 everywhere, so the score separates nothing.
+    assert rows[middle]["none"]["attacks"][spec.name]["auroc"] == 0.5
+    table = format_table(reports[middle])
+    assert "AUROC fooled" in table and f"{attack['auroc']:.3f}" in table
+
+
+def test_without_a_threshold_nothing_is_flagged_and_final_is_the_defended_answer(pipeline):
+    _, _, spec, report, _ = pipeline  # the tiny model has random weights: no calibration applies
+    lgs = next(row for row in report["rows"] if row["method"] == "lgs")
+    assert lgs["attack_threshold"] is None and lgs["clean_flagged"] is None
+    assert lgs["attacks"][spec.name]["detection_rate"] is None
+    assert lgs["attacks"][spec.name]["final_accuracy"] == lgs["attacks"][spec.name]["accuracy"]
+    assert 0 <= lgs["attacks"][spec.name]["auroc"] <= 1

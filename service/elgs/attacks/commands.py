@@ -146,6 +146,7 @@ def _attack_eval(args: argparse.Namespace) -> int:
     try:
         report = evaluate(model, dataset, patches, methods=methods, lambdas=lambdas, placement=args.placement,
                           batch_size=args.batch_size, limit=args.limit, seed=args.seed, threshold=args.threshold,
+                          saliency=args.saliency, attack_threshold=args.attack_threshold,
                           progress=not args.no_progress, workers=args.workers)
     except ValueError as error:
         raise CommandError(str(error)) from None
@@ -241,6 +242,11 @@ def add_commands(subparsers) -> None:
                           help=f"block threshold (default {DEFAULT_THRESHOLD:g})")
     evaluate.add_argument("--placement", default="fixed", choices=["fixed", "random"],
                           help="fixed: top-right, 10 px in (the paper's test); random: seeded positions")
+    evaluate.add_argument("--saliency", default=None,
+                          help="saliency estimator of SLGS/WLGS, e.g. gradient or smoothgrad:n=4,sigma=0.2,rectify=true "
+                               "(default: the model's own, as the service)")
+    evaluate.add_argument("--attack-threshold", type=float, default=None,
+                          help="attack-score threshold in [0, 2] for every row (default: the model's calibrated ones)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="requests per engine batch (default 16)")
     evaluate.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N images only")
     evaluate.add_argument("--seed", type=int, default=0, help="seeds random placements")

@@ -7,6 +7,12 @@ accuracy on patched images, the targeted success rate (over images whose true cl
 target), the share of successfully attacked images whose label the defence restored, the mean SSIM
 between input and defended image (scikit-image, as the paper) and images per second. For SLGS, how
 much of the saliency region lies inside the patch (and how much of the patch it covers).
+
+The attack score of every answer (the L1 distance between the softmax vectors of pass 1 and pass 2)
+is evaluated as a detector: its AUROC clean vs attacked images and, the sharper question, correctly
+classified clean images vs images the patch fooled; the share of clean and of attacked images it
+flags at the model's calibrated threshold; and the top-1 accuracy of ``final_predictions`` (the
+defended answer when flagged, else the original), the one answer a caller would use.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from skimage.metrics import structural_similarity
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from elgs.attacks.metrics import auroc
 from elgs.attacks.patches import composite, patch_mask, place, placement_positions, top_right_position
 from elgs.attacks.train import sidecar_path
 from elgs.defenses import DEFAULT_THRESHOLD, get_defense, saliency_region
@@ -115,25 +122,38 @@ def saliency_overlap(saliency: torch.Tensor, patch_masks: torch.Tensor) -> dict[
 
 
 def run_engine(engine: Engine, images: torch.Tensor, method: str, lam: float | None, threshold: float,
-               batch_size: int) -> dict:
+               batch_size: int, saliency: str | None = None, attack_threshold: float | None = None) -> dict:
     """Defend ``images`` (N, 3, S, S) through the engine in batches of ``task="defend"`` requests.
 
     Returns:
-        ``original`` top-1 (N,) from pass 1, ``defended`` top-1 (N,), ``images`` (N, 3, S, S) defended,
-        ``saliency`` (N, S, S) or None, and ``seconds`` of wall time.
+        ``original`` top-1 (N,) from pass 1, ``defended`` top-1 (N,), ``final`` top-1 (N,) of
+        ``final_predictions``, ``score`` (N,) attack scores, ``attacked`` (N,) bool or None when the
+        model has no threshold, ``images`` (N, 3, S, S) defended, ``saliency`` (N, S, S) or None,
+        ``saliency_method`` (the canonical spec, or None), ``attack_threshold`` and ``seconds`` of wall time.
     """
-    original, top1, defended, saliency = [], [], [], []
+    original, top1, final, score, attacked, defended, maps = [], [], [], [], [], [], []
+    first = None
     started = time.perf_counter()
     for chunk in images.split(batch_size):
-        results = engine.run([Request(image=image, task="defend", method=method, lam=lam, threshold=threshold)
-                              for image in chunk])
+        results = engine.run([Request(image=image, task="defend", method=method, lam=lam, threshold=threshold,
+                                      saliency=saliency, attack_threshold=attack_threshold) for image in chunk])
+        first = first or results[0]
         original += [r.predictions[0].index for r in results]
         top1 += [r.defended_predictions[0].index for r in results]
+        final += [r.final_predictions[0].index for r in results]
+        score += [r.attack_score for r in results]
+        attacked += [r.attacked for r in results]
         defended.append(torch.stack([r.image for r in results]))
         if results[0].saliency is not None:
-            saliency.append(torch.stack([r.saliency for r in results]))
-    return {"original": torch.tensor(original), "defended": torch.tensor(top1), "images": torch.cat(defended),
-            "saliency": torch.cat(saliency) if saliency else None, "seconds": time.perf_counter() - started}
+            maps.append(torch.stack([r.saliency for r in results]))
+    decided = bool(attacked) and all(flag is not None for flag in attacked)
+    return {"original": torch.tensor(original), "defended": torch.tensor(top1), "final": torch.tensor(final),
+            "score": torch.tensor(score, dtype=torch.float64),
+            "attacked": torch.tensor(attacked, dtype=torch.bool) if decided else None,
+            "images": torch.cat(defended), "saliency": torch.cat(maps) if maps else None,
+            "saliency_method": first.saliency_method if first is not None else None,
+            "attack_threshold": first.attack_threshold if first is not None else None,
+            "seconds": time.perf_counter() - started}
 
 
 def _image_chunks(data: Dataset | tuple[torch.Tensor, torch.Tensor], chunk: int, limit: int | None, workers: int):
@@ -161,6 +181,8 @@ def evaluate(
     limit: int | None = None,
     seed: int = 0,
     threshold: float = DEFAULT_THRESHOLD,
+    saliency: str | None = None,
+    attack_threshold: float | None = None,
     progress: bool = True,
     chunk: int = 256,
     workers: int = 0,
@@ -181,6 +203,8 @@ def evaluate(
         limit: evaluate the first ``limit`` images only.
         seed: seeds random placements.
         threshold: gradient-map block threshold.
+        saliency: saliency estimator spec for SLGS and WLGS (None: the model's default).
+        attack_threshold: attack-score threshold for every row (None: the model's calibrated ones).
         progress: show a progress bar.
         chunk: images decoded at a time.
         workers: data loader workers for an on-disk dataset.
@@ -211,11 +235,14 @@ def evaluate(
         raise ValueError(f"nothing to evaluate: methods {methods} with lambdas {lambdas} give no setting")
     for method, lam in table:  # bad names and out-of-range values fail here, before any work
         engine.resolve(Request(image=torch.zeros(3, size, size), task="defend", method=method, lam=lam,
-                               threshold=threshold))
+                               threshold=threshold, saliency=saliency, attack_threshold=attack_threshold))
     # Per setting: sums over images; per setting and patch: sums over images.
-    sums = [{"clean_correct": 0.0, "ssim_clean": 0.0, "seconds": 0.0, "processed": 0,
+    # Attack scores, flags and final top-1 hits are kept per image (lists of (n,) tensors) for the AUROC.
+    sums = [{"clean_correct": 0.0, "ssim_clean": 0.0, "seconds": 0.0, "processed": 0, "saliency_method": None,
+             "attack_threshold": None, "scores": [], "flags": [], "final_correct": [], "pass1_correct": [],
              "attacks": [{"correct": 0.0, "eligible": 0.0, "hits": 0.0, "fooled": 0.0, "restored": 0.0,
-                          "ssim": 0.0, "saliency": {}} for _ in patches]} for _ in table]
+                          "ssim": 0.0, "saliency": {}, "scores": [], "flags": [], "final_correct": [],
+                          "fooled_mask": []} for _ in patches]} for _ in table]
     generators = [torch.Generator().manual_seed(seed * 1_000 + index) for index in range(len(patches))]
     bar = tqdm(total=len(table) * (1 + len(patches)) * total, disable=not progress, unit="img", desc="eval",
                dynamic_ncols=True)
@@ -235,14 +262,19 @@ def evaluate(
             masks.append(mask_canvas)
         for (method, lam), acc in zip(table, sums):
             bar.set_postfix(method=method if lam is None else f"{method} {lam:g}")
-            clean = run_engine(engine, images, method, lam, threshold, batch_size)
+            clean = run_engine(engine, images, method, lam, threshold, batch_size, saliency, attack_threshold)
             bar.update(len(images))
             acc["clean_correct"] += float((clean["defended"] == labels).sum())
+            acc["saliency_method"], acc["attack_threshold"] = clean["saliency_method"], clean["attack_threshold"]
+            acc["scores"].append(clean["score"])
+            acc["flags"].append(clean["attacked"])
+            acc["final_correct"].append(clean["final"] == labels)
+            acc["pass1_correct"].append(clean["original"] == labels)
             acc["ssim_clean"] += mean_ssim(images, clean["images"]) * len(images)
             acc["seconds"] += clean["seconds"]
             acc["processed"] += len(images)
             for spec, patched, mask, attack in zip(patches, patched_sets, masks, acc["attacks"]):
-                run = run_engine(engine, patched, method, lam, threshold, batch_size)
+                run = run_engine(engine, patched, method, lam, threshold, batch_size, saliency, attack_threshold)
                 bar.update(len(images))
                 acc["seconds"] += run["seconds"]
                 acc["processed"] += len(images)
@@ -254,6 +286,10 @@ def evaluate(
                 attack["fooled"] += float(fooled.sum())
                 attack["restored"] += float((run["defended"][fooled] == labels[fooled]).sum())
                 attack["ssim"] += mean_ssim(patched, run["images"]) * len(images)
+                attack["scores"].append(run["score"])
+                attack["flags"].append(run["attacked"])
+                attack["final_correct"].append(run["final"] == labels)
+                attack["fooled_mask"].append(fooled)
                 if run["saliency"] is not None:
                     for key, value in saliency_overlap(run["saliency"], mask).items():
                         attack["saliency"][key] = attack["saliency"].get(key, 0.0) + value * len(images)
@@ -262,13 +298,36 @@ def evaluate(
     def ratio(numerator: float, denominator: float) -> float | None:
         return numerator / denominator if denominator else None
 
+    def flagged(flags: list[torch.Tensor | None], where: torch.Tensor | None = None) -> float | None:
+        """Share flagged as attacked (over ``where``); None without a threshold or without images."""
+        if any(flag is None for flag in flags):
+            return None
+        flags = torch.cat(flags)
+        flags = flags if where is None else flags[where]
+        return float(flags.double().mean()) if len(flags) else None
+
     rows = []
     for (method, lam), acc in zip(table, sums):
-        row = {"method": method, "lambda": lam, "clean_accuracy": acc["clean_correct"] / seen,
-               "ssim_clean": acc["ssim_clean"] / seen, "attacks": {},
+        clean_scores, clean_correct = torch.cat(acc["scores"]), torch.cat(acc["pass1_correct"])
+        clean_final = torch.cat(acc["final_correct"])
+        row = {"method": method, "lambda": lam, "saliency_method": acc["saliency_method"],
+               "clean_accuracy": acc["clean_correct"] / seen, "ssim_clean": acc["ssim_clean"] / seen,
+               "attack_threshold": acc["attack_threshold"], "clean_flagged": flagged(acc["flags"]),
+               "clean_final_accuracy": float(clean_final.double().mean()),
+               "clean_attack_score_mean": float(clean_scores.mean()), "attacks": {},
                "images_per_second": ratio(acc["processed"], acc["seconds"])}
         for spec, attack in zip(patches, acc["attacks"]):
+            scores, fooled = torch.cat(attack["scores"]), torch.cat(attack["fooled_mask"])
+            final_correct = torch.cat(attack["final_correct"])
             row["attacks"][spec.name] = {
+                "auroc": auroc(clean_scores, scores),
+                "auroc_fooled": (auroc(clean_scores[clean_correct], scores[fooled])
+                                 if fooled.any() and clean_correct.any() else None),
+                "detection_rate": flagged(attack["flags"]),
+                "detection_rate_fooled": flagged(attack["flags"], fooled) if fooled.any() else None,
+                "final_accuracy": float(final_correct.double().mean()),
+                "final_restored_rate": float(final_correct[fooled].double().mean()) if fooled.any() else None,
+                "attack_score_mean": float(scores.mean()),
                 "accuracy": attack["correct"] / seen,
                 "success_rate": ratio(attack["hits"], attack["eligible"]),
                 "undefended_success_rate": ratio(attack["fooled"], attack["eligible"]),
@@ -279,7 +338,7 @@ def evaluate(
         rows.append(row)
     return {
         "model": model.name, "weights": model.weights, "input_size": model.input_size, "images": seen,
-        "placement": placement, "threshold": threshold,
+        "placement": placement, "threshold": threshold, "saliency": saliency,
         "patches": [{"name": p.name, "path": str(p.path), "shape": p.shape, "size": int(p.patch.shape[-1]),
                      "target": p.target, "target_label": model.labels[p.target]} for p in patches],
         "rows": rows,
@@ -319,7 +378,40 @@ def format_table(report: dict) -> str:
                      f"{100 * overlap['saliency_mass_in_patch']:.1f}% of the saliency mass is in the patch")
     lines.append("success: defended top-1 is the target (true class != target); restored: share of the images "
                  "the patch fooled whose true label the defence brought back")
+    lines += ["", *format_detector_table(report)]
     return "\n".join(lines)
+
+
+def _number(value: float | None, width: int, digits: int = 3) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def format_detector_table(report: dict) -> list[str]:
+    """Per patch: the attack score as a detector and the accuracy of ``final_predictions``, per row."""
+    lines = []
+    for patch in report["patches"]:
+        name = patch["name"]
+        header = (f"{'method':<14}{'threshold':>10}{'AUROC':>7}{'AUROC fooled':>13}{'flags clean':>12}"
+                  f"{'flags attacked':>15}{'flags fooled':>13}{'final clean':>12}{'final attacked':>15}"
+                  f"{'final restored':>15}")
+        lines += [f"attack score vs {name} (L1 distance of the softmax before and after the defence) and "
+                  f"final_predictions (defended answer when flagged, else the original); top-1 %", header,
+                  "-" * len(header)]
+        for row in report["rows"]:
+            label = row["method"].upper() if row["method"] != "none" else "no defence"
+            if row["lambda"] is not None:
+                label += f" {row['lambda']:g}"
+            attack = row["attacks"][name]
+            lines.append(f"{label:<14}{_number(row['attack_threshold'], 10)}{_number(attack['auroc'], 7)}"
+                         f"{_number(attack['auroc_fooled'], 13)}{_cell(row['clean_flagged'], 12)}"
+                         f"{_cell(attack['detection_rate'], 15)}{_cell(attack['detection_rate_fooled'], 13)}"
+                         f"{_cell(row['clean_final_accuracy'], 12)}{_cell(attack['final_accuracy'], 15)}"
+                         f"{_cell(attack['final_restored_rate'], 15)}")
+    methods = sorted({row["saliency_method"] for row in report["rows"] if row["saliency_method"]})
+    lines.append("AUROC: clean vs attacked images; AUROC fooled: correctly classified clean images vs the images "
+                 "the patch fooled; flags: share above the model's calibrated threshold ('-': none calibrated)"
+                 + (f"; saliency for SLGS/WLGS: {', '.join(methods)}" if methods else ""))
+    return lines
 
 
 def write_report(report: dict, path: str | Path) -> None:
