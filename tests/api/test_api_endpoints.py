@@ -44,7 +44,13 @@ def test_defend_json_has_both_top5_lists_image_mask_and_timing(client):
     assert response.status_code == 200, response.text
     body = response.json()
     assert set(body) == {"model", "weights", "method", "lambda", "threshold", "predictions", "original_predictions",
-                         "image", "mask", "timing_ms", "batch_size"}
+                         "image", "mask", "timing_ms", "batch_size", "saliency", "attack_score", "attack_threshold",
+                         "attacked", "final_predictions"}
+    assert body["saliency"] == "gradient:rectify=false,quantile=1"  # the tiny model's default
+    assert 0 <= body["attack_score"] <= 2
+    # random weights are never calibrated: no decision, and the caller gets the defended answer
+    assert body["attack_threshold"] is None and body["attacked"] is None
+    assert body["final_predictions"] == body["predictions"]
     assert (body["model"], body["weights"], body["method"]) == ("tiny", "random", "slgs")
     assert (body["lambda"], body["threshold"]) == (3.5, 0.25)
     for key in ("predictions", "original_predictions"):
@@ -94,6 +100,58 @@ def test_models_and_defenses_list_defaults_and_ranges(client):
     assert list(defenses) == list(DEFENSES)
     assert defenses["slgs"]["parameters"]["lambda"] == {"minimum": 0.0, "maximum": 10.0, "default": "per model"}
     assert defenses["slgs"]["needs_saliency"] and defenses["jpeg"]["parameters"] == {}
+
+
+def test_defend_attack_threshold_decides_and_picks_final_predictions(client):
+    flagged = client.post("/defend/lgs", params={"lambda": 10, "attack_threshold": 0}, files=_upload()).json()
+    assert flagged["attack_score"] > 0 and flagged["attack_threshold"] == 0 and flagged["attacked"] is True
+    assert flagged["final_predictions"] == flagged["predictions"]
+    kept = client.post("/defend/lgs", params={"lambda": 10, "attack_threshold": 2}, files=_upload()).json()
+    assert kept["attacked"] is False and kept["final_predictions"] == kept["original_predictions"]
+    assert kept["attack_score"] == flagged["attack_score"]
+    assert kept["saliency"] is None  # lgs uses no saliency
+    none = client.post("/defend/none", params={"attack_threshold": 0.5}, files=_upload()).json()
+    assert none["attack_score"] == 0 and none["attacked"] is False
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({"saliency": "blur"}, "unknown saliency estimator 'blur'"),
+    ({"saliency": "smoothgrad:n=0"}, "n must be in [1, 32], got 0"),
+    ({"saliency": "smoothgrad:sigma=abc"}, "sigma must be a number, got 'abc'"),
+    ({"saliency": "gradient:n=4"}, "gradient has no parameter 'n'"),
+    ({"saliency": "smoothgrad:rectify=maybe"}, "rectify must be true or false, got 'maybe'"),
+    ({"attack_threshold": 2.5}, "attack_threshold"),
+    ({"attack_threshold": "nan"}, "attack_threshold"),
+])
+def test_defend_bad_saliency_or_attack_threshold_is_422_naming_it(client, params, fragment):
+    response = client.post("/defend/slgs", params=params, files=_upload())
+    assert response.status_code == 422, response.text
+    assert fragment in response.text
+
+
+def test_saliency_parameter_on_defend_and_saliency_endpoints(client):
+    spec = "smoothgrad:n=3,sigma=0.1"
+    defended = client.post("/defend/wlgs", params={"saliency": spec}, files=_upload()).json()
+    assert defended["saliency"] == "smoothgrad:n=3,sigma=0.1,rectify=false,seed=0,quantile=0.9"
+    again = client.post("/defend/wlgs", params={"saliency": spec}, files=_upload()).json()
+    assert again["image"] == defended["image"]  # seeded noise: the same request gives the same answer
+    plain = client.post("/defend/wlgs", files=_upload()).json()
+    assert plain["image"] != defended["image"]
+    saliency = client.post("/saliency", params={"saliency": spec}, files=_upload()).json()
+    assert saliency["saliency_method"] == defended["saliency"]
+    assert client.post("/saliency", files=_upload()).json()["saliency_method"] == "gradient:rectify=false,quantile=1"
+    assert client.post("/saliency", params={"saliency": "nope"}, files=_upload()).status_code == 422
+
+
+def test_defenses_lists_saliency_estimators_with_defaults(client):
+    body = client.get("/defenses").json()
+    estimators = {e["name"]: e for e in body["saliency_estimators"]}
+    assert list(estimators) == ["gradient", "smoothgrad"]
+    smoothgrad = estimators["smoothgrad"]["parameters"]
+    assert smoothgrad["n"] == {"type": "int", "default": 4, "minimum": 1, "maximum": 32,
+                               "description": smoothgrad["n"]["description"]}
+    assert smoothgrad["rectify"]["default"] is False and smoothgrad["sigma"]["default"] == 0.2
+    assert client.get("/models").json()["models"][0]["default_saliency"] == "gradient"
 
 
 def test_health_and_readiness(client):
@@ -148,7 +206,7 @@ def test_openapi_documents_parameters_ranges_and_errors(client):
     spec = client.get("/openapi.json").json()
     defend = spec["paths"]["/defend/{method}"]["post"]
     parameters = {p["name"]: p for p in defend["parameters"]}
-    assert set(parameters) == {"method", "model", "lambda", "threshold", "response"}
+    assert set(parameters) == {"method", "model", "lambda", "threshold", "saliency", "attack_threshold", "response"}
     assert all(p.get("description") for p in parameters.values())
     lam = parameters["lambda"]["schema"]["anyOf"][0]
     assert (lam["minimum"], lam["maximum"]) == (0.0, 10.0)

@@ -45,14 +45,29 @@ class DefendResponse(_Answer):
     original_predictions: list[Prediction] = Field(description="top-5 on the uploaded image")
     image: str = Field(description="the defended image: base64 PNG, RGB, input_size x input_size")
     mask: str = Field(description="the applied suppression mask: base64 PNG, 8-bit gray (255 = fully smoothed)")
+    saliency: str | None = Field(
+        default=None, description="the saliency estimator used, as a canonical spec (slgs, wlgs; null otherwise)",
+        examples=["smoothgrad:n=4,sigma=0.2,rectify=true,seed=0,quantile=0.9"])
+    attack_score: float = Field(
+        description="L1 distance between the softmax vectors of the uploaded and the defended image, in [0, 2]",
+        ge=0, le=2)
+    attack_threshold: float | None = Field(
+        description="the score above which the answer counts as attacked: ?attack_threshold= or the model's "
+                    "calibrated one for this method and lambda (null: not calibrated)")
+    attacked: bool | None = Field(description="attack_score > attack_threshold (null when there is no threshold)")
+    final_predictions: list[Prediction] = Field(
+        description="the one answer to use: the defended top-5 when attacked (or undecided), else the original top-5")
 
 
 class SaliencyResponse(_Answer):
     """``POST /saliency``."""
 
     predictions: list[Prediction] = Field(description="top-5 on the uploaded image")
-    saliency: str = Field(description="S = max over channels of |dL/dx| for the top-5 loss, min-max scaled: base64 PNG")
+    saliency: str = Field(description="S, min-max scaled: base64 PNG (gradient: max over channels of |dL/dx| "
+                                      "for the top-5 loss; smoothgrad: its mean over the noisy copies)")
     region: str = Field(description="the SLGS saliency region D (255 inside): base64 PNG")
+    saliency_method: str = Field(description="the saliency estimator used, as a canonical spec",
+                                 examples=["gradient:rectify=false,quantile=1"])
 
 
 class ModelInfo(BaseModel):
@@ -64,6 +79,7 @@ class ModelInfo(BaseModel):
     mean: list[float]
     std: list[float]
     default_lambda: float
+    default_saliency: str = Field(description="saliency estimator spec SLGS/WLGS use when a request names none")
     weights_source: str
     weights: str = Field(description="'pretrained' or 'random'")
     device: str
@@ -94,10 +110,33 @@ class DefenseInfo(BaseModel):
     parameters: dict[str, ParameterRange]
 
 
+class SaliencyParameterInfo(BaseModel):
+    """A parameter of a saliency estimator."""
+
+    type: str = Field(description="int, float or bool")
+    default: float | int | bool
+    minimum: float | None = None
+    maximum: float | None = None
+    description: str = ""
+
+
+class SaliencyEstimatorInfo(BaseModel):
+    """A registered saliency estimator; a spec is ``name[:key=value,...]`` (``?saliency=``)."""
+
+    name: str
+    summary: str
+    parameters: dict[str, SaliencyParameterInfo]
+
+
 class DefensesResponse(BaseModel):
     """``GET /defenses``."""
 
     defenses: list[DefenseInfo]
+    saliency_estimators: list[SaliencyEstimatorInfo] = Field(
+        description="estimators for ?saliency= on /defend/slgs, /defend/wlgs and /saliency; a spec is "
+                    "name[:key=value,...], e.g. smoothgrad:n=4,sigma=0.2,rectify=true; parameters left out take "
+                    "the model's default (GET /models default_saliency) when it uses that estimator, else the "
+                    "defaults listed here")
 
 
 class HealthResponse(BaseModel):

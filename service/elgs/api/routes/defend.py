@@ -12,12 +12,17 @@ from elgs.api.dependencies import RuntimeDep, SettingsDep
 from elgs.api.errors import error_responses
 from elgs.api.routes.classify import IMAGE_FIELD
 from elgs.api.schemas import DefendResponse
-from elgs.defenses import DEFAULT_THRESHOLD, DEFENSES, LAMBDA_RANGE, THRESHOLD_RANGE, get_defense
+from elgs.defenses import DEFAULT_THRESHOLD, DEFENSES, LAMBDA_RANGE, THRESHOLD_RANGE, estimator_names, get_defense
 from elgs.engine import UnknownMethodError
+from elgs.thresholds import SCORE_RANGE
 
 router = APIRouter(tags=["inference"])
 
 _METHODS = ", ".join(f"`{name}` ({defense.summary})" for name, defense in DEFENSES.items())
+SALIENCY_DESCRIPTION = (
+    f"saliency estimator spec `name[:key=value,...]`, name in {', '.join(estimator_names())}, e.g. "
+    "`smoothgrad:n=4,sigma=0.2,rectify=true` (parameters and defaults: GET /defenses); parameters left out "
+    "take the model's default when it uses that estimator. Default: the model's own (GET /models)")
 
 
 @router.post(
@@ -41,25 +46,37 @@ async def defend(
         ge=THRESHOLD_RANGE[0], le=THRESHOLD_RANGE[1], allow_inf_nan=False,
         description=f"gradient block threshold in [{THRESHOLD_RANGE[0]:g}, {THRESHOLD_RANGE[1]:g}] "
                     f"(lgs, slgs, wlgs); default {DEFAULT_THRESHOLD}")] = None,
+    saliency: Annotated[str | None, Query(max_length=200, description=f"(slgs, wlgs) {SALIENCY_DESCRIPTION}",
+                                          examples=["smoothgrad:n=4,sigma=0.2,rectify=true"])] = None,
+    attack_threshold: Annotated[float | None, Query(
+        ge=SCORE_RANGE[0], le=SCORE_RANGE[1], allow_inf_nan=False,
+        description="attack-score threshold in [0, 2] deciding `attacked`; default: the model's calibrated one "
+                    "for this method and lambda (`elgs calibrate`)")] = None,
     response: Annotated[Literal["json", "image", "mask"], Query(
         description="`json` (default); `image` or `mask` return that PNG itself (for curl -o)")] = "json",
 ) -> DefendResponse | Response:
     """Smooth the suspected patch away and classify both images.
 
     The mask is the applied suppression (255 = the pixel moved all the way to the dataset mean).
+    `attack_score` compares the two answers; when it exceeds the threshold the image counts as attacked and
+    `final_predictions` is the defended top-5, else the original one.
     """
     try:
-        get_defense(method)
+        defense = get_defense(method)
     except KeyError as error:
         raise UnknownMethodError(str(error.args[0])) from None
+    if saliency is not None and defense.needs_saliency:
+        runtime.engine.saliency_config(saliency)  # a bad spec answers 422 before the upload is decoded
     answer = await inference.run(http_request, runtime, settings, image, task="defend", method=method, lam=lam,
-                                 threshold=threshold)
+                                 threshold=threshold, saliency=saliency, attack_threshold=attack_threshold)
     result = answer.result
     if response != "json":
         png = await inference.encode_png_bytes(result.image if response == "image" else result.mask)
         headers = {"X-Elgs-Model": runtime.name, "X-Elgs-Weights": runtime.model.weights,
                    "X-Elgs-Batch-Size": str(result.batch_size),
-                   "X-Elgs-Top1": result.defended_predictions[0].label if result.defended_predictions else ""}
+                   "X-Elgs-Top1": result.defended_predictions[0].label if result.defended_predictions else "",
+                   "X-Elgs-Attack-Score": f"{result.attack_score:.6f}",
+                   "X-Elgs-Attacked": "unknown" if result.attacked is None else str(result.attacked).lower()}
         return Response(png, media_type="image/png", headers=headers)
     (image_png, mask_png), encode_ms = await inference.encode_base64_pngs(result.image, result.mask)
     return DefendResponse(
@@ -67,4 +84,6 @@ async def defend(
         predictions=inference.predictions(result.defended_predictions),
         original_predictions=inference.predictions(result.predictions),
         image=image_png, mask=mask_png, timing_ms=answer.finish(encode_ms), batch_size=result.batch_size,
+        saliency=result.saliency_method, attack_score=result.attack_score, attack_threshold=result.attack_threshold,
+        attacked=result.attacked, final_predictions=inference.predictions(result.final_predictions),
     )
