@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from elgs.attacks.data import predict_labels
 from elgs.attacks.patches import patch_mask, square_mask
-from elgs.attacks.through import defend_differentiable, logits_through
+from elgs.attacks.through import constant_saliency, defend_differentiable, logits_through, resolve_saliency
 from elgs.attacks.train import AttackConfig, PatchParameter, attack_loss, patched_batch, save_patch, train_patch
 from elgs.engine import Engine, Request
 from elgs.images import open_image
@@ -34,6 +35,28 @@ def test_differentiable_defence_equals_the_engine(tiny_model, photos, method):
     results = Engine(tiny_model).run([Request(image=x, task="defend", method=method, lam=3.5) for x in images])
     ours = defend_differentiable(tiny_model, images, method, 3.5)
     assert torch.allclose(ours, torch.stack([r.image for r in results]), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["slgs", "wlgs"])
+def test_training_path_uses_the_services_saliency_estimator(tiny_model, photos, method):
+    """A model whose default estimator is smoothgrad: the attack sees the engine's saliency map and defended
+    image, not the paper's gradient map."""
+    model = dataclasses.replace(tiny_model, spec=dataclasses.replace(
+        tiny_model.spec, default_saliency="smoothgrad:n=3,sigma=0.3,rectify=false,seed=0,quantile=0.9"))
+    images = torch.stack(list(photos.values())[:4])
+    results = Engine(model).run([Request(image=x, task="defend", method=method, lam=3.5) for x in images])
+    assert {r.saliency_method for r in results} == {resolve_saliency(model).spec}
+    served_maps = torch.stack([r.saliency for r in results])
+    maps, quantile = constant_saliency(model, images)
+    assert torch.allclose(maps, served_maps, rtol=1e-4, atol=1e-9)
+    assert quantile.tolist() == pytest.approx([0.9] * 4)
+    plain, _ = constant_saliency(model, images, "gradient")
+    assert not torch.allclose(plain, served_maps, rtol=0.05)
+    served = torch.stack([r.image for r in results])
+    assert torch.allclose(defend_differentiable(model, images, method, 3.5), served, atol=1e-5)
+    config = train_patch(model, (images, predict_labels(model, images)),
+                         _config(through=method, epochs=1, batches_per_epoch=1), progress=False).config
+    assert config.through_saliency == resolve_saliency(model).spec  # recorded in the sidecar
 
 
 @pytest.mark.parametrize("method", ["lgs", "slgs", "wlgs"])

@@ -75,6 +75,7 @@ def _attack_train(args: argparse.Namespace) -> int:
             placement=args.placement, epochs=args.epochs, batches_per_epoch=args.batches_per_epoch,
             batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
             parametrization=args.parametrization, through=args.through, through_lambda=args.through_lambda,
+            through_saliency=args.through_saliency,
             threshold=args.threshold, seed=args.seed,
         )
     except ValueError as error:
@@ -94,7 +95,8 @@ def _attack_train(args: argparse.Namespace) -> int:
           f"({model.weights}, {model.device}); {len(dataset)} images ({dataset.layout}) at "
           f"{model.input_size}px; {config.optimizer} lr {config.lr:g} ({config.parametrization}), "
           f"{config.epochs} x {config.batches_per_epoch} x {config.batch_size}"
-          + (f"; through {config.through} lambda {config.through_lambda:g}" if config.through else ""))
+          + (f"; through {config.through} lambda {config.through_lambda:g}" if config.through else "")
+          + (f", saliency {config.through_saliency}" if config.through_saliency else ""))
     try:
         result = train_patch(model, data, config, init=args.init, checkpoint=checkpoint, resume=args.resume,
                              progress=not args.no_progress, workers=args.workers)
@@ -213,6 +215,8 @@ def add_commands(subparsers) -> None:
     train.add_argument("--through", default=None, choices=["lgs", "slgs", "wlgs"],
                        help="train through this defence (white-box, paper Eq. 13)")
     train.add_argument("--through-lambda", type=float, default=3.5, help="lambda of --through (default 3.5)")
+    train.add_argument("--through-saliency", default=None,
+                       help="saliency estimator of --through slgs/wlgs (default: the model's own, as the service)")
     train.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                        help=f"block threshold of --through (default {DEFAULT_THRESHOLD:g})")
     train.add_argument("--init", default=None, help="initialise the patch from this image (or skimage:NAME)")

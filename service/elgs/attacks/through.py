@@ -12,20 +12,55 @@ What the gradient flows through, and what is held constant:
   constant: SLGS's region ``D`` is a threshold plus morphology (zero gradient almost everywhere), and
   differentiating WLGS's weight ``W(S)`` would need second-order gradients through the network. So
   ``D`` and ``W`` are constants of each step; ``g`` and the smoothing carry the gradient.
+
+The saliency is the service's: the same estimator code (:func:`elgs.defenses.estimate_saliency`)
+with the model's default estimator (``ModelSpec.default_saliency``) unless ``saliency`` names
+another, and WLGS weights normalised with that estimator's quantile. What this costs per training
+step: one extra forward and backward of the batch for ``gradient``, ``n`` of them (the batch and its
+``n - 1`` noisy copies, in one call) for ``smoothgrad``; being held constant, it adds no
+second-order term to the patch's gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
-from elgs.defenses import DEFAULT_THRESHOLD, DefenseInput, get_defense, topk_saliency
+from elgs.defenses import (
+    DEFAULT_THRESHOLD,
+    DefenseInput,
+    SaliencyConfig,
+    estimate_saliency,
+    get_defense,
+    parse_saliency,
+)
 from elgs.models import LoadedModel
 
 THROUGH_METHODS = ("lgs", "slgs", "wlgs")
 
 
+def resolve_saliency(model: LoadedModel, saliency: str | SaliencyConfig | None = None) -> SaliencyConfig:
+    """The estimator the service would use for ``model``: ``saliency`` over the model's default (None: it)."""
+    default = parse_saliency(model.spec.default_saliency)
+    return default if saliency is None else parse_saliency(saliency, base=default)
+
+
+def constant_saliency(model: LoadedModel, x: torch.Tensor,
+                      saliency: str | SaliencyConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S`` (B, H, W) of the detached images, as the engine computes it, and the WLGS quantile (B,).
+
+    Args:
+        model: the classifier.
+        x: pixel-space images (B, 3, H, W) in [0, 1].
+        saliency: estimator spec (None: the model's default).
+    """
+    config = resolve_saliency(model, saliency)
+    saliency_map = estimate_saliency(model.module, x.detach(), model.normalize, config).to(x.dtype)
+    return saliency_map, torch.full((x.shape[0],), float(config.quantile), dtype=x.dtype, device=x.device)
+
+
 def defend_differentiable(model: LoadedModel, x: torch.Tensor, method: str, lam: float,
-                          threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
+                          threshold: float = DEFAULT_THRESHOLD,
+                          saliency: str | SaliencyConfig | None = None) -> torch.Tensor:
     """Defended pixel-space images, differentiable in ``x`` (see the module docstring).
 
     Args:
@@ -34,6 +69,7 @@ def defend_differentiable(model: LoadedModel, x: torch.Tensor, method: str, lam:
         method: ``lgs``, ``slgs`` or ``wlgs``.
         lam: smoothing factor.
         threshold: gradient-map block threshold.
+        saliency: estimator spec for SLGS/WLGS (None: the model's default, as the service).
 
     Returns:
         (B, 3, H, W) in [0, 1], equal to the engine's defended image.
@@ -41,21 +77,21 @@ def defend_differentiable(model: LoadedModel, x: torch.Tensor, method: str, lam:
     if method not in THROUGH_METHODS:
         raise ValueError(f"can attack through {', '.join(THROUGH_METHODS)}, got {method!r}")
     defense = get_defense(method)
-    saliency = None
-    if defense.needs_saliency:
-        saliency = topk_saliency(model.module, x.detach(), model.normalize)  # constant: see module docstring
     batch = x.shape[0]
+    saliency_map = quantile = None
+    if defense.needs_saliency:
+        saliency_map, quantile = constant_saliency(model, x, saliency)
     return defense.apply(DefenseInput(
         x=x, mean=model.mean.to(x.dtype), std=model.std.to(x.dtype),
         lam=torch.full((batch,), float(lam), dtype=x.dtype, device=x.device),
         threshold=torch.full((batch,), float(threshold), dtype=x.dtype, device=x.device),
-        saliency=saliency,
+        saliency=saliency_map, saliency_quantile=quantile,
     )).image
 
 
 def logits_through(model: LoadedModel, x: torch.Tensor, method: str | None, lam: float,
-                   threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
+                   threshold: float = DEFAULT_THRESHOLD, saliency: str | SaliencyConfig | None = None) -> torch.Tensor:
     """Logits (B, N) of ``x`` after the defence ``method`` (None: no defence)."""
     if method is not None:
-        x = defend_differentiable(model, x, method, lam, threshold)
+        x = defend_differentiable(model, x, method, lam, threshold, saliency)
     return model.module(model.normalize(x))

@@ -12,6 +12,7 @@ step (the paper's setting, used with SGD at lr 1); ``sigmoid`` optimises ``w`` w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -34,8 +35,8 @@ from elgs.attacks.patches import (
     top_right_position,
 )
 from elgs.attacks.schedule import paper_scheduler
-from elgs.attacks.through import THROUGH_METHODS, logits_through
-from elgs.defenses import DEFAULT_THRESHOLD, LAMBDA_RANGE, THRESHOLD_RANGE
+from elgs.attacks.through import THROUGH_METHODS, logits_through, resolve_saliency
+from elgs.defenses import DEFAULT_THRESHOLD, LAMBDA_RANGE, THRESHOLD_RANGE, get_defense, parse_saliency
 from elgs.images import encode_png, image_to_tensor, open_image
 from elgs.models import LoadedModel
 
@@ -63,6 +64,8 @@ class AttackConfig:
         parametrization: ``clamp`` or ``sigmoid`` (module docstring); None: clamp for SGD, sigmoid for Adam.
         through: defence inside the loss (``lgs``, ``slgs``, ``wlgs``) or None.
         through_lambda: that defence's lambda.
+        through_saliency: saliency estimator spec of ``through`` SLGS/WLGS; None: the model's default, as
+            the service (:func:`train_patch` records the resolved spec here).
         threshold: that defence's block threshold.
         scale_range: EoT scale range (``patch`` only).
         max_rotation_deg: EoT rotation range, plus or minus (``patch`` only).
@@ -83,6 +86,7 @@ class AttackConfig:
     parametrization: Literal["clamp", "sigmoid"] | None = None
     through: str | None = None
     through_lambda: float = 3.5
+    through_saliency: str | None = None
     threshold: float = DEFAULT_THRESHOLD
     scale_range: tuple[float, float] = (0.8, 1.2)
     max_rotation_deg: float = 45.0
@@ -97,6 +101,8 @@ class AttackConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.through is not None and self.through not in THROUGH_METHODS:
             raise ValueError(f"through must be one of {', '.join(THROUGH_METHODS)}, got {self.through!r}")
+        if self.through_saliency is not None:
+            parse_saliency(self.through_saliency)  # raises ValueError naming the bad part
         for name in ("epochs", "batches_per_epoch", "batch_size", "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -120,7 +126,7 @@ class AttackConfig:
     # Fields that must match for a checkpoint to be resumed.
     def identity(self) -> dict:
         keys = ("attack", "target", "patch_size", "image_size", "placement", "epochs", "batches_per_epoch",
-                "batch_size", "optimizer", "lr", "parametrization", "through", "seed")
+                "batch_size", "optimizer", "lr", "parametrization", "through", "through_saliency", "seed")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -268,6 +274,8 @@ def train_patch(
         a :class:`TrainResult`.
     """
     started = time.perf_counter()
+    if config.through is not None and get_defense(config.through).needs_saliency:
+        config = dataclasses.replace(config, through_saliency=resolve_saliency(model, config.through_saliency).spec)
     device = model.device
     batches = _Batches(data, workers)
     if len(batches) == 0:
@@ -306,7 +314,8 @@ def train_patch(
         for images, labels in batches.epoch(order, config.batch_size):
             images, labels = images.to(device), labels.to(device)
             patched = patched_batch(images, parameter.patch(), mask, config, generator)
-            logits = logits_through(model, patched, config.through, config.through_lambda, config.threshold)
+            logits = logits_through(model, patched, config.through, config.through_lambda, config.threshold,
+                                    config.through_saliency)
             loss = attack_loss(logits, labels, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -355,7 +364,7 @@ def success_rate(model: LoadedModel, batches: _Batches, patch: torch.Tensor, con
         images, labels = images.to(device), labels.to(device)
         # (SLGS/WLGS saliency switches gradients back on internally, for the input only.)
         logits = logits_through(model, patched_batch(images, patch, mask, config, generator), config.through,
-                                config.through_lambda, config.threshold).detach()
+                                config.through_lambda, config.threshold, config.through_saliency).detach()
         eligible = labels != config.target
         hits += int((targeted_success(logits, config.target) & eligible).sum())
         counted += int(eligible.sum())
@@ -385,6 +394,7 @@ def save_patch(result: TrainResult, out: str | Path, model: LoadedModel, extra: 
         "placement": config.placement,
         "epochs": config.epochs,
         "through": config.through,
+        "through_saliency": config.through_saliency,
         "final_success_rate": None if math.isnan(result.final_success_rate) else result.final_success_rate,
         "epoch_loss": result.epoch_loss,
         "epoch_success": result.epoch_success,
