@@ -1,4 +1,4 @@
-"""Core CLI commands: ``defend``, ``models list|fetch``, ``defenses``, ``bench defenses``."""
+"""Core CLI commands: ``defend``, ``calibrate``, ``models list|fetch``, ``defenses``, ``bench defenses``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from elgs.cli import CommandError
-from elgs.defenses import DEFENSES, LAMBDA_RANGE, THRESHOLD_RANGE
+from elgs.defenses import DEFENSES, ESTIMATORS, LAMBDA_RANGE, THRESHOLD_RANGE
 from elgs.models import MODELS, WeightsUnavailableError
 
 
@@ -59,7 +59,8 @@ def _defend(args: argparse.Namespace) -> int:
     model = load_model_or_fail(args)
     engine = Engine(model)
     request = Request(image=image_to_tensor(image, model.input_size), task="defend", method=args.method,
-                      lam=args.lam, threshold=args.threshold)
+                      lam=args.lam, threshold=args.threshold, saliency=args.saliency,
+                      attack_threshold=args.attack_threshold)
     try:
         (result,) = engine.run([request])
     except (InvalidParameterError, UnknownMethodError) as error:
@@ -68,8 +69,11 @@ def _defend(args: argparse.Namespace) -> int:
                            if v is not None)
     print(f"model {model.name} ({model.weights} weights, {model.device}), input {model.input_size}x{model.input_size}")
     print(f"method {args.method}" + (f" ({parameters})" if parameters else ""))
+    if result.saliency_method:
+        print(f"saliency {result.saliency_method}")
     print(_format_predictions("original", result.predictions, f"defended ({args.method})",
                               result.defended_predictions))
+    print(_verdict(result))
     if args.out:
         Path(args.out).write_bytes(encode_png(result.image))
         print(f"defended image written to {args.out}")
@@ -80,10 +84,82 @@ def _defend(args: argparse.Namespace) -> int:
         payload = {
             "model": model.name, "weights": model.weights, "method": args.method,
             "lambda": result.lam, "threshold": result.threshold,
+            "saliency": result.saliency_method,
             "original_predictions": [p.__dict__ for p in result.predictions],
             "predictions": [p.__dict__ for p in result.defended_predictions],
+            "attack_score": result.attack_score, "attack_threshold": result.attack_threshold,
+            "attacked": result.attacked, "final_predictions": [p.__dict__ for p in result.final_predictions],
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+def _verdict(result) -> str:
+    """One line: the attack score, the threshold and which top-5 to use."""
+    final = result.final_predictions[0].label if result.final_predictions else "?"
+    if result.attacked is None:
+        return (f"attack score {result.attack_score:.4f} (no calibrated threshold: run `elgs calibrate` or pass "
+                f"--attack-threshold); final: the defended answer, {final}")
+    verdict = "ATTACKED, final: the defended answer" if result.attacked else "clean, final: the original answer"
+    return f"attack score {result.attack_score:.4f}, threshold {result.attack_threshold:.4f}: {verdict}, {final}"
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from elgs.attacks.data import list_images
+    from elgs.calibration import calibrate
+    from elgs.images import ImageDecodeError, ImageTooLargeError, image_to_tensor, open_image
+    from elgs.thresholds import user_calibration_path, write_calibration
+
+    try:
+        paths = list_images(args.data)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    if args.limit:
+        paths = paths[: args.limit]
+    if not paths:
+        raise CommandError(f"no images under {args.data}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in DEFENSES]
+    if unknown:
+        raise CommandError(f"unknown method {unknown[0]!r}; choose among {', '.join(DEFENSES)}")
+    try:
+        lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
+    except ValueError:
+        raise CommandError(f"--lambdas must be numbers separated by commas, got {args.lambdas!r}") from None
+    if not 0 <= args.fpr < 1:
+        raise CommandError(f"--fpr must be in [0, 1), got {args.fpr}")
+    if any(not LAMBDA_RANGE[0] <= v <= LAMBDA_RANGE[1] for v in lambdas):
+        raise CommandError(f"--lambdas must lie in [{LAMBDA_RANGE[0]:g}, {LAMBDA_RANGE[1]:g}], got {args.lambdas}")
+    model = load_model_or_fail(args)
+    if model.weights != "pretrained":
+        raise CommandError("calibrating random weights is pointless: the service ignores thresholds for them")
+
+    def chunks():
+        for start in tqdm(range(0, len(paths), args.batch_size), desc="calibrating", unit="batch"):
+            batch = []
+            for path in paths[start : start + args.batch_size]:
+                try:
+                    batch.append(image_to_tensor(open_image(path), model.input_size))
+                except (ImageDecodeError, ImageTooLargeError) as error:
+                    raise CommandError(f"{path}: {error}") from None
+            yield torch.stack(batch)
+
+    try:
+        thresholds = calibrate(model, chunks(), fpr=args.fpr, methods=methods, lambdas=lambdas,
+                               saliencies=args.saliency or (), data=str(args.data))
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    out = write_calibration(args.out or user_calibration_path(), thresholds)
+    print(f"{model.name}: {thresholds.images} clean images, false-positive rate {args.fpr:g}")
+    for entry in thresholds.entries:
+        lam = "" if entry.lam is None else f" lambda {entry.lam:g}"
+        saliency = f" [{entry.saliency}]" if entry.saliency else ""
+        print(f"  {entry.method:<9}{lam:<12} threshold {entry.threshold:.4f} (clean flagged "
+              f"{entry.clean_flagged:.1%}){saliency}")
+    print(f"written to {out}")
     return 0
 
 
@@ -118,6 +194,12 @@ def _defenses(args: argparse.Namespace) -> int:
     for defense in DEFENSES.values():
         extra = " (needs saliency: pass 1 with input gradient)" if defense.needs_saliency else ""
         print(f"{defense.name:<10} {defense.summary}{extra}")
+    print("saliency estimators (--saliency / ?saliency= NAME[:key=value,...]):")
+    for estimator in ESTIMATORS.values():
+        parameters = ", ".join(f"{p.name}={str(p.default).lower() if isinstance(p.default, bool) else p.default}"
+                               for p in estimator.parameters)
+        print(f"  {estimator.name:<10} {estimator.summary}")
+        print(f"  {'':<10} parameters (defaults): {parameters}")
     print(f"lambda in [{LAMBDA_RANGE[0]:g}, {LAMBDA_RANGE[1]:g}] (default per model), "
           f"threshold in [{THRESHOLD_RANGE[0]:g}, {THRESHOLD_RANGE[1]:g}] (default 0.2)")
     return 0
@@ -142,10 +224,36 @@ def add_commands(subparsers) -> None:
     defend.add_argument("--lambda", dest="lam", type=float, default=None,
                         help=f"smoothing factor in [{LAMBDA_RANGE[0]:g}, {LAMBDA_RANGE[1]:g}] (default: the model's)")
     defend.add_argument("--threshold", type=float, default=None, help="block threshold in [0, 1] (default 0.2)")
+    defend.add_argument("--saliency", default=None, metavar="SPEC",
+                        help="saliency estimator for slgs/wlgs, NAME[:key=value,...], e.g. "
+                             "smoothgrad:n=4,sigma=0.2,rectify=true (default: the model's; see `elgs defenses`)")
+    defend.add_argument("--attack-threshold", type=float, default=None,
+                        help="attack-score threshold in [0, 2] (default: the model's calibrated one)")
     defend.add_argument("--out", help="write the defended image (PNG)")
     defend.add_argument("--mask-out", help="write the applied mask (8-bit PNG)")
-    defend.add_argument("--json", help="write both top-5 lists as JSON")
+    defend.add_argument("--json", help="write both top-5 lists, the attack score and the verdict as JSON")
     defend.set_defaults(handler=_defend)
+
+    calibrate = subparsers.add_parser(
+        "calibrate", help="calibrate the attack-score thresholds of a model on clean images",
+        description="Run clean images through every method and lambda and store, per setting, the attack score "
+                    "that at most FPR of them exceed. The service reads the file at start-up "
+                    "($ELGS_CALIBRATION_FILE, default ~/.config/elgs/calibration.json).",
+    )
+    _model_arguments(calibrate, default="efficientnet_lite0")
+    calibrate.add_argument("--data", required=True, help="folder of clean images (searched recursively)")
+    calibrate.add_argument("--fpr", type=float, default=0.05, help="false-positive rate on clean images (0.05)")
+    calibrate.add_argument("--methods", default="lgs,slgs,wlgs,jpeg,median,gaussian",
+                           help="comma list of methods (default lgs,slgs,wlgs,jpeg,median,gaussian)")
+    calibrate.add_argument("--lambdas", default="2.3,2.7,3.5",
+                           help="comma list of lambdas, the model's default is always added (2.3,2.7,3.5)")
+    calibrate.add_argument("--saliency", action="append", metavar="SPEC",
+                           help="also calibrate SLGS/WLGS with this estimator (repeatable); the model's default "
+                                "estimator is always calibrated")
+    calibrate.add_argument("--batch-size", type=int, default=8)
+    calibrate.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    calibrate.add_argument("--out", default=None, help="calibration file to write (default: where the service reads)")
+    calibrate.set_defaults(handler=_calibrate)
 
     models = subparsers.add_parser("models", help="list the zoo or fetch weights")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
