@@ -87,3 +87,80 @@ def test_engine_on_cuda_matches_cpu(photos, device):
         assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
         if a.image is not None:
             torch.testing.assert_close(a.image, b.image, atol=1e-4, rtol=0)
+
+
+# --- saliency estimators, attack score and decision (issue 9) -------------------------------------
+
+def test_smoothgrad_requests_still_cost_two_model_calls(tiny_model, photos):
+    images = list(photos.values())
+    requests = [Request(image=images[0], method="slgs", saliency="smoothgrad:n=8"),
+                Request(image=images[1], method="wlgs", saliency="smoothgrad:n=3,rectify=true"),
+                Request(image=images[2], method="slgs"), Request(image=images[3], method="lgs"),
+                Request(image=images[4], task="saliency", saliency="smoothgrad:n=2"),
+                Request(image=images[5], task="classify")]
+    results = Engine(tiny_model).run(requests)
+    assert tiny_model.module.calls == 2
+    assert [r.saliency_method for r in results] == [
+        "smoothgrad:n=8,sigma=0.2,rectify=false,seed=0,quantile=0.9",
+        "smoothgrad:n=3,sigma=0.2,rectify=true,seed=0,quantile=0.9",
+        "gradient:rectify=false,quantile=1", None, "smoothgrad:n=2,sigma=0.2,rectify=false,seed=0,quantile=0.9", None]
+
+
+def test_default_gradient_request_matches_the_paper_map(tiny_model, photos):
+    from elgs.defenses import topk_saliency
+
+    x = torch.stack(list(photos.values()))
+    results = Engine(tiny_model).run([Request(image=image, method="slgs") for image in x])
+    reference = topk_saliency(tiny_model.module, x, tiny_model.normalize)
+    assert torch.equal(torch.stack([r.saliency for r in results]), reference)
+
+
+def test_bad_saliency_spec_or_attack_threshold_is_rejected_before_any_pass(tiny_model, photos):
+    engine = Engine(tiny_model)
+    with pytest.raises(InvalidParameterError, match="saliency: smoothgrad has no parameter 'k'"):
+        engine.run([Request(image=photos["chelsea"], method="slgs", saliency="smoothgrad:k=3")])
+    with pytest.raises(InvalidParameterError, match=r"attack_threshold must be a number in \[0, 2\], got 3.0"):
+        engine.run([Request(image=photos["chelsea"], method="lgs", attack_threshold=3)])
+    assert tiny_model.module.calls == 0
+
+
+def test_attack_score_by_hand():
+    from elgs.engine import attack_scores, decide
+
+    original = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.3, 0.5]]))
+    defended = torch.log(torch.tensor([[0.25, 0.25, 0.5], [0.2, 0.3, 0.5]]))
+    scores = attack_scores(original, defended)
+    torch.testing.assert_close(scores, torch.tensor([0.5, 0.0]), rtol=0, atol=1e-6)
+    assert attack_scores(torch.tensor([[100.0, 0.0]]), torch.tensor([[0.0, 100.0]])).item() == pytest.approx(2.0)
+    assert decide(0.5, 0.4) is True and decide(0.5, 0.5) is False and decide(0.5, None) is None
+
+
+def test_attack_score_decision_and_final_predictions(photos):
+    from elgs.thresholds import AttackThresholds, ThresholdEntry
+
+    model = make_tiny_model()
+    x = photos["chelsea"]
+    (free,) = Engine(model).run([Request(image=x, method="lgs", lam=10.0)])
+    score = free.attack_score
+    assert 0 < score <= 2 and free.attacked is None and free.final_predictions == free.defended_predictions
+    assert free.defended_predictions != free.predictions  # lambda 10 changes the tiny model's answer
+    below = AttackThresholds(model="tiny", input_size=32, fpr=0.05, images=10, data="",
+                             entries=(ThresholdEntry("lgs", 10.0, None, score / 2),))
+    (flagged,) = Engine(model, thresholds=below).run([Request(image=x, method="lgs", lam=10.0)])
+    assert flagged.attacked is True and flagged.attack_threshold == score / 2
+    assert flagged.final_predictions == flagged.defended_predictions
+    (kept,) = Engine(model, thresholds=below).run([Request(image=x, method="lgs", lam=10.0, attack_threshold=2.0)])
+    assert kept.attacked is False and kept.final_predictions == kept.predictions
+    (uncalibrated,) = Engine(model, thresholds=below).run([Request(image=x, method="median")])
+    assert uncalibrated.attack_threshold is None and uncalibrated.attacked is None
+    (classified,) = Engine(model).run([Request(image=x, task="classify")])
+    assert classified.attack_score is None and classified.final_predictions is None
+
+
+def test_attack_score_equals_the_softmax_l1_of_both_passes(tiny_model, photos):
+    results = Engine(tiny_model).run([Request(image=x, method="wlgs", lam=5.0) for x in photos.values()])
+    for image, result in zip(photos.values(), results):
+        with torch.inference_mode():
+            before = torch.softmax(tiny_model.module(tiny_model.normalize(image[None])), 1)
+            after = torch.softmax(tiny_model.module(tiny_model.normalize(result.image[None])), 1)
+        assert result.attack_score == pytest.approx(float((before - after).abs().sum()), abs=1e-4)
