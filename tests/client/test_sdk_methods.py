@@ -100,6 +100,27 @@ def test_saliency(sync_client, photo_png, tmp_path):
     assert written["region"].read_bytes() == result.region_png and written["saliency"].name == "saliency.png"
 
 
+def test_defend_saliency_and_attack_verdict_equal_the_engine(sync_client, photo_png):
+    spec = "smoothgrad:n=3,rectify=true"
+    result = sync_client.defend(photo_png, method="wlgs", lam=6.0, saliency=spec, attack_threshold=0.0)
+    expected = engine_result(photo_png, task="defend", method="wlgs", lam=6.0, saliency=spec, attack_threshold=0.0)
+    assert result.saliency_method == expected.saliency_method == "smoothgrad:n=3,sigma=0.2,rectify=true,seed=0,quantile=0.9"
+    assert result.attack_score == pytest.approx(expected.attack_score, abs=1e-5) and result.attack_score > 0
+    assert result.attack_threshold == 0 and result.attacked is True
+    assert_same_predictions(result.final_predictions, expected.final_predictions)
+    assert result.final_top1 == result.predictions[0]  # attacked: the defended answer
+    kept = sync_client.defend(photo_png, method="lgs", attack_threshold=2.0)
+    assert kept.attacked is False and kept.final_predictions == kept.original_predictions
+    assert kept.saliency_method is None
+    uncalibrated = sync_client.defend(photo_png, method="lgs")
+    assert uncalibrated.attacked is None and uncalibrated.final_predictions == uncalibrated.predictions
+    saliency = sync_client.saliency(photo_png, saliency=spec)
+    assert saliency.saliency_method == result.saliency_method
+    assert sync_client.models()[0].default_saliency == "gradient"
+    with pytest.raises(UnprocessableEntityError, match="unknown saliency estimator 'nope'"):
+        sync_client.defend(photo_png, method="slgs", saliency="nope")
+
+
 def _input_kinds(photo_png: bytes, tmp_path):
     path = tmp_path / "photo.png"
     path.write_bytes(photo_png)

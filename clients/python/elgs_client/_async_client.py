@@ -59,7 +59,8 @@ class AsyncClient(BaseClient):
         return await self._send(self._classify_call(image, model))
 
     async def defend(self, image: ImageInput, method: str = "slgs", lam: Optional[float] = None,
-                     threshold: Optional[float] = None, model: Optional[str] = None) -> DefendResult:
+                     threshold: Optional[float] = None, model: Optional[str] = None, *,
+               saliency: Optional[str] = None, attack_threshold: Optional[float] = None) -> DefendResult:
         """Defend ``image`` with ``method`` (lgs, slgs, wlgs, jpeg, median, gaussian, none).
 
         Args:
@@ -68,12 +69,17 @@ class AsyncClient(BaseClient):
             lam: smoothing factor in [0, 10]; None takes the model's default.
             threshold: gradient-map block threshold in [0, 1]; None takes 0.2.
             model: a loaded model's name; None takes the server's first.
+            saliency: saliency estimator spec for slgs/wlgs, e.g. ``"smoothgrad:n=4,sigma=0.2,rectify=true"``
+                (``GET /defenses`` lists them); None takes the model's default.
+            attack_threshold: attack-score threshold in [0, 2] deciding ``attacked``; None takes the
+                model's calibrated one.
         """
-        return await self._send(self._defend_call(image, method, lam, threshold, model))
+        return await self._send(self._defend_call(image, method, lam, threshold, model, saliency, attack_threshold))
 
-    async def saliency(self, image: ImageInput, *, model: Optional[str] = None) -> SaliencyResult:
-        """Saliency map and SLGS region of ``image``."""
-        return await self._send(self._saliency_call(image, model))
+    async def saliency(self, image: ImageInput, *, model: Optional[str] = None,
+                       saliency: Optional[str] = None) -> SaliencyResult:
+        """Saliency map and SLGS region of ``image`` with estimator ``saliency`` (None: the model's default)."""
+        return await self._send(self._saliency_call(image, model, saliency))
 
     async def models(self) -> list[ModelInfo]:
         """The models the server has loaded."""

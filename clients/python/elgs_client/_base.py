@@ -143,16 +143,18 @@ class BaseClient:
                     {"image": to_upload(image)})
 
     def _defend_call(self, image: ImageInput, method: str, lam: Optional[float], threshold: Optional[float],
-                     model: Optional[str]) -> Call[DefendResult]:
+                     model: Optional[str], saliency: Optional[str] = None,
+                     attack_threshold: Optional[float] = None) -> Call[DefendResult]:
         if not method or "/" in method:
             raise ValueError(f"method must be a defence name such as 'slgs', got {method!r}")
-        params = _params(model=model, threshold=threshold)
+        params = _params(model=model, threshold=threshold, saliency=saliency, attack_threshold=attack_threshold)
         if lam is not None:
             params["lambda"] = lam
         return Call("POST", f"/defend/{method}", _model_parser(DefendResult), params, {"image": to_upload(image)})
 
-    def _saliency_call(self, image: ImageInput, model: Optional[str]) -> Call[SaliencyResult]:
-        return Call("POST", "/saliency", _model_parser(SaliencyResult), _params(model=model),
+    def _saliency_call(self, image: ImageInput, model: Optional[str],
+                       saliency: Optional[str] = None) -> Call[SaliencyResult]:
+        return Call("POST", "/saliency", _model_parser(SaliencyResult), _params(model=model, saliency=saliency),
                     {"image": to_upload(image)})
 
     def _models_call(self) -> Call[list[ModelInfo]]:

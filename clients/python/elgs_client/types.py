@@ -61,7 +61,11 @@ class ClassifyResult(_Schema):
 
 
 class DefendResult(_Schema):
-    """``POST /defend/{method}``: defended top-5, original top-5, defended image and applied mask."""
+    """``POST /defend/{method}``: defended top-5, original top-5, defended image, applied mask, attack verdict.
+
+    ``final_predictions`` is the one answer to use: the defended top-5 when the attack score is above the
+    model's threshold (``attacked``), else the original top-5 (the defended one when no threshold is known).
+    """
 
     model: str
     weights: str
@@ -74,6 +78,16 @@ class DefendResult(_Schema):
     mask_base64: str = Field(alias="mask")
     timing_ms: dict[str, float] = Field(default_factory=dict)
     batch_size: Optional[int] = None
+    saliency_method: Optional[str] = Field(default=None, alias="saliency")
+    attack_score: Optional[float] = None
+    attack_threshold: Optional[float] = None
+    attacked: Optional[bool] = None
+    final_predictions: list[Prediction] = Field(default_factory=list)
+
+    @property
+    def final_top1(self) -> Prediction:
+        """The top class of ``final_predictions`` (the answer to use)."""
+        return (self.final_predictions or self.predictions)[0]
 
     @property
     def top1(self) -> Prediction:
@@ -123,6 +137,7 @@ class SaliencyResult(_Schema):
     region_base64: str = Field(alias="region")
     timing_ms: dict[str, float] = Field(default_factory=dict)
     batch_size: Optional[int] = None
+    saliency_method: Optional[str] = None
 
     @property
     def saliency_png(self) -> bytes:
@@ -157,6 +172,7 @@ class ModelInfo(_Schema):
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     default_lambda: Optional[float] = None
+    default_saliency: Optional[str] = None
     weights_source: Optional[str] = None
     weights: Optional[str] = None
     device: Optional[str] = None
