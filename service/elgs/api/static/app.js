@@ -162,14 +162,15 @@ async function drawSaliency(inputBlob, regionBase64, size) {
 function showVerdict(answer) {
   if (typeof answer.attack_score !== "number") { $("verdict").hidden = true; return; }
   $("verdict").hidden = false;
-  const threshold = typeof answer.attack_threshold === "number" ? ` (threshold ${answer.attack_threshold.toFixed(3)})` : "";
+  const threshold = typeof answer.attack_threshold === "number"
+    ? ` (threshold ${answer.attack_threshold.toFixed(3)})` : " (no threshold calibrated for this model and method)";
   $("attack-score").textContent = `${answer.attack_score.toFixed(3)} of 2${threshold}`;
-  const attacked = Boolean(answer.attacked);
-  $("attack-verdict").textContent = attacked ? "attacked" : "looks clean";
-  $("attack-verdict").className = `verdict ${attacked ? "attacked" : "clean"}`;
+  const verdict = answer.attacked === true ? "attacked" : answer.attacked === false ? "clean" : "undecided";
+  $("attack-verdict").textContent = { attacked: "attacked", clean: "looks clean", undecided: "undecided" }[verdict];
+  $("attack-verdict").className = `verdict ${verdict}`;
   const final = answer.final_predictions && answer.final_predictions[0];
   $("final-answer").textContent = final
-    ? `${final.label} (${(100 * final.score).toFixed(1)}%), from the ${attacked ? "defended" : "original"} image`
+    ? `${final.label} (${(100 * final.score).toFixed(1)}%), from the ${verdict === "clean" ? "original" : "defended"} image`
     : "";
 }
 
