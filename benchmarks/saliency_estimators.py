@@ -23,6 +23,7 @@ import torch
 
 from elgs.attacks.data import load_image_set, load_tensors
 from elgs.attacks.patches import apply_patch, patch_mask, top_right_position
+from elgs.attacks.train import sidecar_path
 from elgs.defenses import DefenseInput, get_defense, parse_saliency, saliency_pass, saliency_region
 from elgs.images import image_to_tensor, open_image
 from elgs.models import load_model
@@ -43,9 +44,10 @@ def load_patch(path: Path) -> tuple[torch.Tensor, int]:
     """(3, s, s) patch and its target class from a PNG with sidecar or a training checkpoint."""
     if path.suffix == ".pt":
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        return torch.sigmoid(checkpoint["parameter"]).float(), int(checkpoint["identity"]["target"])
+        patch = torch.sigmoid(checkpoint["parameter"]).float()
+        return (patch * 255).round() / 255, int(checkpoint["identity"]["target"])  # as the PNG stores it
     image = open_image(path)
-    sidecar = json.loads(Path(str(path) + ".json").read_text())
+    sidecar = json.loads(sidecar_path(path).read_text())
     return image_to_tensor(image, image.width), int(sidecar["target"])
 
 

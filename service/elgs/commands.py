@@ -208,8 +208,11 @@ def _defenses(args: argparse.Namespace) -> int:
 def _bench_defenses(args: argparse.Namespace) -> int:
     from elgs.bench import run_defense_benchmark
 
+    from elgs.bench import DEFAULT_ESTIMATORS
+
+    estimators = [] if args.saliency == ["none"] else (args.saliency or list(DEFAULT_ESTIMATORS))
     run_defense_benchmark(models=args.models.split(","), batch_size=args.batch_size, size=args.size,
-                          repeats=args.repeats, device=args.device, json_path=args.json)
+                          repeats=args.repeats, device=args.device, json_path=args.json, estimators=estimators)
     return 0
 
 
@@ -274,6 +277,9 @@ def add_commands(subparsers) -> None:
     bench_defenses.add_argument("--size", type=int, default=224)
     bench_defenses.add_argument("--repeats", type=int, default=5)
     bench_defenses.add_argument("--device", default=None)
+    bench_defenses.add_argument("--saliency", action="append", metavar="SPEC",
+                                help="saliency estimator to time as /defend/slgs batches (repeatable; default: "
+                                     "gradient, rectified, smoothgrad n=4 and n=8; 'none' skips these rows)")
     bench_defenses.add_argument("--json", help="write the results as JSON")
     bench_defenses.set_defaults(handler=_bench_defenses)
 
