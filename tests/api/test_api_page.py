@@ -1,14 +1,19 @@
 """The web page in a real browser: headless Chromium (Debian's package), driven over the DevTools protocol."""
 
+import base64
+import io
 import json
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from websockets.sync.client import connect
 
+from elgs.api.routes.page import STATIC_DIR
 from elgs.images import sample_photo
 from tests.api.helpers import LiveServer, tiny_settings
 from tests.conftest import make_tiny_model
@@ -112,3 +117,102 @@ def test_upload_chelsea_click_defend_and_see_both_top5_lists_and_images(browser,
     assert page["originalSize"] == [451, 300]  # the uploaded photo itself
     assert page["maskSize"] == page["defendedSize"] == [32, 32]  # the model's input size
     assert "tiny (random weights)" in page["meta"]
+
+
+def _page_png(browser, expression: str) -> np.ndarray:
+    """An RGB array of a PNG the page holds: ``expression`` evaluates to a base64 PNG (awaited)."""
+    encoded = browser.evaluate(expression)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB"))
+
+
+def _tinted_view(browser, region_png: bytes, input_png: bytes, size: int) -> np.ndarray:
+    """The page's saliency view drawn by its own ``drawSaliency`` from a given region and input."""
+    region64, input64 = base64.b64encode(region_png).decode(), base64.b64encode(input_png).decode()
+    return _page_png(browser, f"""(async () => {{
+        const input = await (await fetch('data:image/png;base64,{input64}')).blob();
+        await drawSaliency(input, '{region64}', {size});
+        return document.getElementById('saliency-view').toDataURL('image/png').split(',')[1];
+    }})()""")
+
+
+BLOB_AS_BASE64 = """(async () => {
+    const bytes = new Uint8Array(await (await fetch(document.getElementById('original').src)).arrayBuffer());
+    let text = '';
+    for (const byte of bytes) text += String.fromCharCode(byte);
+    return btoa(text);
+})()"""
+
+
+def test_paste_the_sample_patch_switch_sends_the_patched_image_and_shows_the_saliency_region(browser, tmp_path):
+    chelsea = tmp_path / "chelsea.png"
+    sample_photo("chelsea").save(chelsea)
+    patch = np.asarray(Image.open(STATIC_DIR / "sample-patch.png").convert("RGB"))
+    meta = json.loads((STATIC_DIR / "sample-patch.json").read_text())
+    size = meta["image_size"]  # the tiny model at the patch's own size: pasted pixel for pixel
+    with LiveServer(tiny_settings(), [make_tiny_model(input_size=size)]) as server:
+        browser.call("Page.navigate", url=f"{server.url}/")
+        browser.wait_for("document.body && document.body.dataset.ready === 'true'")
+        document = browser.call("DOM.getDocument")["root"]["nodeId"]
+        file_input = browser.call("DOM.querySelector", nodeId=document, selector="#image")["nodeId"]
+        browser.call("DOM.setFileInputFiles", nodeId=file_input, files=[str(chelsea)])
+        browser.evaluate("document.getElementById('paste-patch').click(); true")
+        browser.evaluate("document.getElementById('run').click(); true")
+        state = browser.wait_for("['done', 'error'].includes(document.body.dataset.state) "
+                                 "&& document.body.dataset.state")
+        status = browser.evaluate("document.getElementById('status').textContent")
+        assert state == "done", status
+        sent = _page_png(browser, BLOB_AS_BASE64)
+        view = _page_png(browser, "document.getElementById('saliency-view').toDataURL('image/png').split(',')[1]")
+        labels = browser.evaluate("""(() => {
+            const labels = (id) => [...document.querySelectorAll(`#${id} li`)].map((li) => li.firstChild.textContent);
+            const text = (id) => document.getElementById(id).textContent;
+            return {original: labels('original-predictions'), defended: labels('defended-predictions'),
+                    info: text('patch-info'), score: text('attack-score'), verdict: text('attack-verdict'),
+                    answer: text('final-answer'), verdictShown: !document.getElementById('verdict').hidden};
+        })()""")
+        decided = {flag: browser.evaluate(f"""(() => {{
+            showVerdict({{attack_score: 0.9, attack_threshold: 0.25, attacked: {flag},
+                          final_predictions: [{{label: 'toaster', score: 0.5}}]}});
+            return [document.getElementById('attack-verdict').textContent,
+                    document.getElementById('attack-verdict').className,
+                    document.getElementById('final-answer').textContent];
+        }})()""") for flag in ("true", "false")}
+        buffer = io.BytesIO()
+        Image.fromarray(sent).save(buffer, format="PNG")
+        png = buffer.getvalue()
+        expected = httpx.post(f"{server.url}/defend/slgs", params={"model": "tiny"},
+                              files={"image": ("sent.png", png, "image/png")}, trust_env=False).json()
+        region = httpx.post(f"{server.url}/saliency", params={"model": "tiny"},
+                            files={"image": ("sent.png", png, "image/png")}, trust_env=False).json()["region"]
+
+    side, margin = meta["patch_size"], 10
+    assert sent.shape == (size, size, 3)
+    # the patch sits at the paper's test placement, pixel for pixel
+    np.testing.assert_array_equal(sent[margin:margin + side, size - margin - side:size - margin], patch)
+    # and the rest is the photo resized by the browser (close to, not equal to, Pillow's bilinear)
+    resized = np.asarray(sample_photo("chelsea").convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+    outside = np.ones((size, size), dtype=bool)
+    outside[margin:margin + side, size - margin - side:size - margin] = False
+    assert np.abs(sent.astype(float) - resized)[outside].mean() < 8
+    assert labels["original"] == [p["label"] for p in expected["original_predictions"]]
+    assert labels["defended"] == [p["label"] for p in expected["predictions"]]
+    assert meta["target_label"] in labels["info"]
+    # the attack score and the verdict (random weights: no calibrated threshold, so undecided)
+    assert labels["verdictShown"] and labels["score"].startswith(f"{expected['attack_score']:.3f} of 2")
+    assert expected["attacked"] is None and labels["verdict"] == "undecided"
+    assert labels["answer"].startswith(expected["final_predictions"][0]["label"] + " (")
+    assert decided["true"] == ["attacked", "verdict attacked", "toaster (50.0%), from the defended image"]
+    assert decided["false"] == ["looks clean", "verdict clean", "toaster (50.0%), from the original image"]
+    # the saliency view: the input where the region is 0 (the tiny model's region may be empty) ...
+    inside = np.asarray(Image.open(io.BytesIO(base64.b64decode(region))).convert("L")) > 127
+    assert np.abs(view.astype(int) - sent.astype(int))[~inside].max() <= 2
+    # ... and tinted red inside it: the same drawing with a region that is the left half of the image
+    half = np.zeros((size, size), dtype=np.uint8)
+    half[:, : size // 2] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(half).save(buffer, format="PNG")
+    tinted = _tinted_view(browser, buffer.getvalue(), png, size)
+    left, right = tinted[:, : size // 2], tinted[:, size // 2 :]
+    assert left[..., 0].min() >= 189  # red channel pushed to at least 0.75 * 255
+    assert np.abs(left[..., 1:].astype(int) - sent[:, : size // 2, 1:]).max() <= 2  # green, blue unchanged
+    assert np.abs(right.astype(int) - sent[:, size // 2 :]).max() <= 2
