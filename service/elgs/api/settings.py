@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=30.0, gt=0, description="per-request deadline before 504")
     max_upload_mb: float = Field(default=20.0, gt=0, description="largest upload in MiB before 413")
     max_pixels: int = Field(default=40_000_000, ge=1, description="largest image in pixels before 413")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="time to receive a request body before 408")
+    max_connections: int = Field(default=512, ge=1,
+                                 description="concurrent connections uvicorn serves before answering 503")
+    decode_concurrency: int | None = Field(
+        default=None, ge=1, le=64, description="uploads decoded at once (default: one per core, at most 4)")
     api_key: SecretStr | None = Field(
         default=None, description="when set, every endpoint but health and metrics needs 'Authorization: Bearer <key>'")
     warmup: bool = Field(default=True, description="run one batch per model before /health/ready says ready")
