@@ -7,14 +7,13 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
-from starlette.routing import BaseRoute
 
 from elgs.api.dependencies import require_api_key
 from elgs.api.errors import install_error_handlers
 from elgs.api.metrics import MetricsMiddleware, ServiceMetrics
-from elgs.api.middleware import AdmissionMiddleware, ApiKeyMiddleware, RequestIdMiddleware
+from elgs.api.middleware import AdmissionMiddleware, ApiKeyMiddleware, RequestIdMiddleware, route_patterns
 from elgs.api.routes import INFERENCE_ROUTERS, OPEN_ROUTERS, PROTECTED_ROUTERS
 from elgs.api.routes.page import STATIC_DIR
 from elgs.api.settings import Settings
@@ -38,12 +37,6 @@ send a plain one), which a 500 quotes and the server's log names. When the serve
 `Authorization: Bearer <key>`; the health probes, `/metrics`, the web page at `/` (it asks for the key)
 and these docs stay open.
 """
-
-
-def _routes_of(app: FastAPI, routers: Sequence[APIRouter]) -> list[BaseRoute]:
-    """The app's routes that came from ``routers`` (include_router copies them)."""
-    paths = {route.path for router in routers for route in router.routes}
-    return [route for route in app.routes if getattr(route, "path", None) in paths]
 
 
 def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None) -> FastAPI:
@@ -97,11 +90,11 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     install_error_handlers(app)
     # Outermost last. In order of arrival: metrics (see every answer), request id (and clean 500s),
     # API key, body limits (size 413, time 408), admission (503): all before the body is read.
-    app.add_middleware(AdmissionMiddleware, inference=lambda: _routes_of(app, INFERENCE_ROUTERS))
+    app.add_middleware(AdmissionMiddleware, inference=route_patterns(INFERENCE_ROUTERS))
     app.add_middleware(BodyLimitMiddleware, max_upload_mb=settings.max_upload_mb,
                        body_timeout_s=settings.body_timeout_s)
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
-    app.add_middleware(ApiKeyMiddleware, api_key=api_key, protected=lambda: _routes_of(app, PROTECTED_ROUTERS))
+    app.add_middleware(ApiKeyMiddleware, api_key=api_key, protected=route_patterns(PROTECTED_ROUTERS))
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=service_metrics)
 

@@ -12,13 +12,13 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from fastapi import HTTPException
+from fastapi import APIRouter, HTTPException
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders, QueryParams
-from starlette.routing import BaseRoute, Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from elgs.batcher import BatcherClosedError, QueueFullError, Reservation
@@ -79,27 +79,33 @@ class RequestIdMiddleware:
             await internal_error_response(rid)(scope, receive, send_with_id)
 
 
-def _matches(routes: Sequence[BaseRoute], scope: Scope) -> bool:
-    return any(route.matches(scope)[0] != Match.NONE for route in routes)
+def route_patterns(routers: Sequence[APIRouter]) -> list[re.Pattern]:
+    """Regular expressions of the paths of the routes in ``routers`` (any method)."""
+    return [compile_path(route.path)[0] for router in routers for route in router.routes]
+
+
+def _matches(patterns: Sequence[re.Pattern], scope: Scope) -> bool:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    path = path[len(root):] if root and path.startswith(root) else path
+    return any(pattern.match(path) for pattern in patterns)
 
 
 class ApiKeyMiddleware:
     """401 for a request to a protected route without ``Authorization: Bearer <api_key>``, answered
-    before the body is read (``Connection: close``, so an unread upload is not waited for).
+    before the body is read (uvicorn discards what the client still sends, without parsing it).
 
     Args:
         api_key: the key; None protects nothing.
-        protected: returns the routes that need the key (read per request: routes are added after
-            the middleware is declared).
+        protected: path patterns of the routes that need the key (:func:`route_patterns`).
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None, protected: Callable[[], Sequence[BaseRoute]]) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, protected: Sequence[re.Pattern]) -> None:
         self.app = app
         self.expected = api_key.encode() if api_key else None
         self.protected = protected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or not _matches(self.protected(), scope):
+        if self.expected is None or scope["type"] != "http" or not _matches(self.protected, scope):
             await self.app(scope, receive, send)
             return
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
@@ -110,8 +116,7 @@ class ApiKeyMiddleware:
         else:
             await self.app(scope, receive, send)
             return
-        response = JSONResponse({"detail": detail}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
+        response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 
 
@@ -133,15 +138,15 @@ class AdmissionMiddleware:
     route, which answers them.
 
     Args:
-        inference: returns the routes that upload an image to a model.
+        inference: path patterns of the routes that upload an image to a model (:func:`route_patterns`).
     """
 
-    def __init__(self, app: ASGIApp, inference: Callable[[], Sequence[BaseRoute]]) -> None:
+    def __init__(self, app: ASGIApp, inference: Sequence[re.Pattern]) -> None:
         self.app = app
         self.inference = inference
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not _matches(self.inference(), scope):
+        if scope["type"] != "http" or scope["method"] != "POST" or not _matches(self.inference, scope):
             await self.app(scope, receive, send)
             return
         app_state = scope["app"].state
@@ -155,9 +160,9 @@ class AdmissionMiddleware:
         try:
             reservation = runtime.batcher.reserve(deadline)
         except (QueueFullError, BatcherClosedError) as error:
-            response = queue_full_response(error)
-            response.headers["Connection"] = "close"  # the body stays unread
-            await response(scope, receive, send)
+            # No "Connection: close": uvicorn discards the unread body itself, and a client still
+            # sending it would read a reset instead of this answer.
+            await queue_full_response(error)(scope, receive, send)
             return
         scope[RESERVATION_KEY] = reservation
         try:

@@ -117,11 +117,9 @@ class AttackConfig:
     def shape(self) -> str:
         return SHAPES[self.attack]
 
-    # Fields that must match for a checkpoint to be resumed.
     def identity(self) -> dict:
-        keys = ("attack", "target", "patch_size", "image_size", "placement", "epochs", "batches_per_epoch",
-                "batch_size", "optimizer", "lr", "parametrization", "through", "seed")
-        return {key: getattr(self, key) for key in keys}
+        """Every field: all of them affect training, so all must match for a checkpoint to be resumed."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
 
 @dataclass
