@@ -223,13 +223,26 @@ def decode_for_model(source: bytes | BinaryIO, size: int, *, max_pixels: int | N
     width, height = image.size
     factor = min(width, height) // (REDUCING_GAP * size)
     if factor < 2:
-        rgb = _pixels_to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
-    else:
-        # The last box of a row or column covers fewer than ``factor`` pixels: resize exactly the
-        # reduced extent of the image, as Pillow's ``reducing_gap`` does.
-        box = (0.0, 0.0, width / factor, height / factor)
-        rgb = reduced_rgb(image, factor).resize((size, size), Image.Resampling.BILINEAR, box=box)
-    return np.asarray(_orient(rgb, orientation), dtype=np.uint8)
+        rgb = _orient(_pixels_to_rgb(image), orientation).resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8)
+    reduced = reduced_rgb(image, factor)
+    # The last box of a row or column covers fewer than ``factor`` pixels: resize exactly the
+    # reduced extent of the image, as Pillow's ``reducing_gap`` does (after orienting both).
+    box = _oriented_box((0.0, 0.0, width / factor, height / factor), reduced.size, orientation)
+    rgb = _orient(reduced, orientation).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _oriented_box(box: tuple[float, float, float, float], size: tuple[int, int],
+                  orientation: int) -> tuple[float, float, float, float]:
+    """Where ``box`` of an image of ``size`` lies once the image is transposed for ``orientation``."""
+    x0, y0, x1, y1 = box
+    w, h = size
+    return {
+        2: (w - x1, y0, w - x0, y1), 3: (w - x1, h - y1, w - x0, h - y0), 4: (x0, h - y1, x1, h - y0),
+        5: (y0, x0, y1, x1), 6: (h - y1, x0, h - y0, x1), 7: (h - y1, w - x1, h - y0, w - x0),
+        8: (y0, w - x1, y1, w - x0),
+    }.get(orientation, box)
 
 
 def sample_photo(name: str) -> Image.Image:
