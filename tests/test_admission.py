@@ -158,3 +158,29 @@ async def test_the_one_by_one_retry_goes_on_past_a_bad_input():
         assert engine.calls == [4, 1, 1, 1, 1]
     finally:
         await batcher.close()
+
+
+async def test_queued_requests_that_a_slower_batch_makes_late_are_refused_at_once_not_at_their_deadline():
+    model, gate = gated_tiny_model()
+    batcher = await _batcher(model, request_timeout_s=30)
+    gate.opened.clear()
+    try:
+        # Admitted while no batch time was known (the length rule only) ...
+        computing = asyncio.ensure_future(batcher.submit(_request()))
+        assert await asyncio.to_thread(gate.entered.wait, 10)
+        queued = [asyncio.ensure_future(batcher.submit(_request(), deadline=time.monotonic() + 20)) for _ in range(2)]
+        await asyncio.sleep(0)
+        # ... then the batches turn out to take 100 s: neither queued request can make its 20 s deadline.
+        batcher._trace.add(100.0)
+        started = time.monotonic()
+        gate.opened.set()
+        assert (await asyncio.wait_for(computing, 10)).predictions
+        for refused in queued:
+            with pytest.raises(QueueFullError, match="slower than when this request was admitted") as error:
+                await asyncio.wait_for(refused, 10)
+            assert error.value.retry_after_s >= 1
+        assert time.monotonic() - started < 10  # told at once, not at the deadline
+        assert batcher.depth == 0
+    finally:
+        gate.opened.set()
+        await batcher.close()

@@ -84,7 +84,8 @@ class BatcherHooks:
         """One ``Engine.run`` call of ``size`` requests took ``seconds`` (each retry counts)."""
 
     def dropped(self, model: str, reason: str) -> None:
-        """A queued request was dropped before compute; ``reason`` is ``cancelled`` or ``deadline``."""
+        """A queued request was dropped before compute; ``reason`` is ``cancelled``, ``deadline`` or ``shed``
+        (refused with 503 once a measured batch time showed it would be answered after its deadline)."""
 
 
 @dataclass(eq=False)
@@ -427,6 +428,7 @@ class Batcher:
         finally:
             self._computing -= 1
         self._trace.add(time.perf_counter() - started)
+        self._shed_late()
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.future.done():  # cancelled or timed out during compute
                 continue
@@ -434,6 +436,28 @@ class Batcher:
                 item.future.set_exception(outcome)
             else:
                 item.future.set_result(outcome)
+
+    def _shed_late(self) -> None:
+        """Refuse (503) the queued requests that, by the batch time just measured, would be answered
+        after their deadline: admitted on an estimate that turned out short (load rose), they learn
+        now rather than at their 504. The queue is served in order, so position gives the wait."""
+        if not self._pending:
+            return
+        now = asyncio.get_running_loop().time()
+        keep: list[_Item] = []
+        for item in self._pending:
+            finish = now + (len(keep) // self.max_batch_size + 1) * self._trace.seconds
+            if finish <= item.deadline or item.future.done():
+                keep.append(item)
+                continue
+            retry_after = max(1, math.ceil(finish - item.deadline))
+            item.future.set_exception(QueueFullError(self.model_name, self.max_queue, retry_after, reason=(
+                f"model {self.model_name!r} is slower than when this request was admitted: its answer is now "
+                f"expected {finish - item.enqueued:.3g} s after it arrived, after its deadline")))
+            self._notify("dropped", "shed")
+        if len(keep) != len(self._pending):
+            self._pending = collections.deque(keep)
+            self._notify("queue_depth", len(self._pending))
 
     def _compute(self, requests: list[Request]) -> list[Result | BaseException]:
         """Run ``requests`` in the worker thread; one outcome per request, never raises."""

@@ -29,7 +29,7 @@ def served(monkeypatch):
 
 
 def test_serve_limits_concurrent_connections(served, monkeypatch):
-    assert served()["limit_concurrency"] == 512
+    assert served()["limit_concurrency"] == 1000
     assert served("--max-connections", "7")["limit_concurrency"] == 7
     monkeypatch.setenv("ELGS_MAX_CONNECTIONS", "33")
     assert served()["limit_concurrency"] == 33

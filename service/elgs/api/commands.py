@@ -27,7 +27,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-queue", type=int, default=None, help="queued requests per model before 503 (256)")
     parser.add_argument("--request-timeout-s", type=float, default=None, help="per-request deadline before 504 (30)")
     parser.add_argument("--max-connections", type=int, default=None,
-                        help="concurrent connections before uvicorn answers 503 ($ELGS_MAX_CONNECTIONS, 512)")
+                        help="concurrent connections before uvicorn answers 503 ($ELGS_MAX_CONNECTIONS, 1000)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(handler=_serve)
 

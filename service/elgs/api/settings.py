@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(default=20.0, gt=0, description="largest upload in MiB before 413")
     max_pixels: int = Field(default=40_000_000, ge=1, description="largest image in pixels before 413")
     body_timeout_s: float = Field(default=30.0, gt=0, description="time to receive a request body before 408")
-    max_connections: int = Field(default=512, ge=1,
+    max_connections: int = Field(default=1000, ge=1,
                                  description="concurrent connections uvicorn serves before answering 503")
     decode_concurrency: int | None = Field(
         default=None, ge=1, le=64, description="uploads decoded at once (default: one per core, at most 4)")
