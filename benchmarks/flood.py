@@ -81,8 +81,9 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--path", default="/defend/slgs")
+    parser.add_argument("--probe-after-s", type=float, default=5.0, help="when to probe the full queue")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(flood(args.url, args.requests, args.path)), indent=2))
+    print(json.dumps(asyncio.run(flood(args.url, args.requests, args.path, args.probe_after_s)), indent=2))
 
 
 if __name__ == "__main__":
