@@ -1,3 +1,5 @@
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -59,7 +61,7 @@ def test_pickled_objects_are_refused(tmp_path, monkeypatch):
     spec = ModelSpec(name="tiny_evil", summary="test", input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
                      default_lambda=1.0, weights_source="test", weights_file="tiny-weights.pth", build=_linear_with)
     monkeypatch.setitem(model_registry.MODELS, "tiny_evil", spec)
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only load failed|Unsupported global"):
         load_model("tiny_evil", device="cpu", weights_dir=tmp_path)
 
 
