@@ -158,7 +158,7 @@ def test_compose_settings_are_the_service_settings_with_their_defaults(compose, 
         monkeypatch.delenv(name)
     environment = dict(compose["services"]["elgs"]["environment"])
     settings = Settings.model_fields
-    # Read by elgs.models.downloads_allowed rather than Settings; 0 keeps containers off the network.
+    # Unlike Settings' default (1), 0 keeps containers off the network.
     assert _env_default(environment.pop("ELGS_ALLOW_DOWNLOAD")) == "0"
     elgs_names = {name for name in environment if name.startswith("ELGS_")}
     unknown = {name for name in elgs_names if name.removeprefix("ELGS_").lower() not in settings}

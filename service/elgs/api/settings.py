@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     weights: Literal["pretrained", "random"] = Field(
         default="pretrained", description="'random' is for development and tests only")
     weights_dir: Path | None = Field(default=None, description="directory holding local weight files")
+    allow_download: bool = Field(default=True, description="download missing torchvision weights (0: fail fast)")
     device: str | None = Field(default=None, description="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     input_size: int | None = Field(default=None, ge=32, le=1024, description="square input side (default: per model)")
     host: str = Field(default="127.0.0.1", description="address uvicorn binds")
