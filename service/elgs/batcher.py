@@ -1,4 +1,4 @@
-"""Asyncio micro-batcher in front of the engine (DESIGN 4).
+"""Asyncio micro-batcher in front of the engine (design.md, section 4).
 
 One :class:`Batcher` per model. Callers ``await batcher.submit(request)`` from the event loop; the
 batcher queues the request, closes a batch when it holds ``max_batch_size`` requests or

@@ -1,4 +1,4 @@
-"""Map every failure to ``{"detail": "..."}`` with the status of DESIGN 6, worded so a user knows what to fix."""
+"""Map every failure to ``{"detail": "..."}`` with the status of design.md, section 6, worded so a user knows what to fix."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training universal targeted patches: LaVAN squares and Adversarial-Patch circles (DESIGN 7).
+"""Training universal targeted patches: LaVAN squares and Adversarial-Patch circles (design.md, section 7).
 
 The patch is a single (3, s, s) image shared by all images. ``lavan`` maximises ``z_target - z_source``
 with the patch pasted by mask replacement at the test placement or at random positions; ``patch``
