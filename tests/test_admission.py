@@ -12,9 +12,9 @@ import time
 
 import pytest
 import torch
-
 from elgs.batcher import Batcher, DeadlineExceededError, QueueFullError
 from elgs.engine import Engine, Request
+
 from tests.api.helpers import gated_tiny_model
 from tests.conftest import make_tiny_model
 

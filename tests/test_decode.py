@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from elgs import images
 from elgs.images import ImageTooLargeError, decode_for_model, image_to_tensor, open_image, reduced_rgb, sample_photo
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +106,8 @@ def _png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    data = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + data + chunk(b"IEND", b"")
 
 
 def test_an_image_over_pillows_own_limit_quotes_ours():

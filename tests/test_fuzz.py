@@ -14,23 +14,22 @@ import os
 import httpx
 import numpy as np
 import pytest
+import schemathesis
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-import torch
 from PIL import Image
-
-from tests.api.helpers import LiveServer, tiny_settings
-from tests.conftest import make_tiny_model
-
-schemathesis = pytest.importorskip("schemathesis")
-from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.core.failures import FailureGroup  # noqa: E402
-from schemathesis.checks import (  # noqa: E402
+from schemathesis import GenerationMode
+from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.core.failures import FailureGroup
+
+from tests.api.helpers import LiveServer, tiny_settings
+from tests.conftest import make_tiny_model
 
 EXAMPLES = int(os.environ.get("ELGS_FUZZ_EXAMPLES", "150"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

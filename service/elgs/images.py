@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 SAMPLE_PREFIX = "skimage:"
 # scikit-image photographs that ship inside its wheel (no download needed).

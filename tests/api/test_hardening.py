@@ -13,7 +13,7 @@ import httpx
 import pytest
 from torch import nn
 
-from tests.api.helpers import LiveServer, encode, gated_tiny_model, photo_png, tiny_settings
+from tests.api.helpers import LiveServer, gated_tiny_model, photo_png, tiny_settings
 from tests.conftest import make_tiny_model
 
 BOUNDARY = "elgs0boundary"
@@ -44,7 +44,8 @@ def _png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    data = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + data + chunk(b"IEND", b"")
 
 
 class Broken(nn.Module):

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import pytest
-
 from elgs.cli import main
+
 from tests.conftest import make_tiny_model
 
 
 @pytest.fixture
 def served(monkeypatch):
     """Run ``elgs serve`` with the tiny model and uvicorn.run replaced; the kwargs uvicorn got."""
-    import uvicorn
-
     import elgs.api.state
+    import uvicorn
 
     calls = []
     monkeypatch.setattr(elgs.api.state, "load_models", lambda settings: [make_tiny_model()])

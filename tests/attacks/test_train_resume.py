@@ -6,7 +6,6 @@ from dataclasses import fields
 
 import pytest
 import torch
-
 from elgs.attacks.data import predict_labels
 from elgs.attacks.train import AttackConfig, train_patch
 

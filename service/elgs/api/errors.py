@@ -1,4 +1,5 @@
-"""Map every failure to ``{"detail": "..."}`` with the status of design.md, section 6, worded so a user knows what to fix."""
+"""Map every failure to ``{"detail": "..."}`` with the status of design.md, section 6, worded so a user knows
+what to fix."""
 
 from __future__ import annotations
 
