@@ -162,6 +162,7 @@ def test_an_upload_in_progress_holds_its_place_in_the_queue():
                 time.sleep(0.01)
             probe = httpx.post(f"{server.url}/classify", files=_cat_files(), timeout=20)
             assert probe.status_code == 503 and int(probe.headers["retry-after"]) >= 1
+            assert len(probe.headers["x-request-id"]) == 32  # middleware answers carry an id too
         finally:
             connection.close()
         deadline = time.monotonic() + 10
