@@ -57,12 +57,27 @@ def image_env() -> dict[str, str]:
     return env
 
 
+# The CUDA version PyPI's default (Linux x86_64) torch wheels are built against, per torch minor release.
+# Update it with TORCH_VERSION in the Dockerfile.
+PYPI_TORCH_CUDA = {"2.14": "13.0"}
+
+
 def test_base_image_matches_the_torch_cuda_build():
-    cuda_image = build_args()["CUDA_IMAGE"]
-    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(?:cudnn-)?runtime-ubuntu[\d.]+", cuda_image)
-    assert match, f"expected an nvidia/cuda *-runtime-ubuntu* base, got {cuda_image}"
-    assert torch.version.cuda, "the installed torch has no CUDA build to match"
-    assert f"{match[1]}.{match[2]}" == torch.version.cuda
+    args = build_args()
+    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(?:cudnn-)?runtime-ubuntu[\d.]+", args["CUDA_IMAGE"])
+    assert match, f"expected an nvidia/cuda *-runtime-ubuntu* base, got {args['CUDA_IMAGE']}"
+    minor = ".".join(args["TORCH_VERSION"].split(".")[:2])
+    assert minor in PYPI_TORCH_CUDA, f"add the CUDA version of PyPI's torch {minor} wheels to PYPI_TORCH_CUDA"
+    assert f"{match[1]}.{match[2]}" == PYPI_TORCH_CUDA[minor]
+    assert f"built against CUDA {PYPI_TORCH_CUDA[minor]}" in DOCKERFILE.read_text()  # its comment agrees
+
+
+@pytest.mark.skipif(not torch.version.cuda, reason="the installed torch is a CPU build")
+def test_the_table_agrees_with_an_installed_cuda_build():
+    minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    if minor not in PYPI_TORCH_CUDA:
+        pytest.skip(f"torch {minor} is not the Dockerfile's")
+    assert PYPI_TORCH_CUDA[minor] == torch.version.cuda
 
 
 def test_torch_versions_match_the_installed_ones():
@@ -143,7 +158,7 @@ def test_compose_settings_are_the_service_settings_with_their_defaults(compose, 
         monkeypatch.delenv(name)
     environment = dict(compose["services"]["elgs"]["environment"])
     settings = Settings.model_fields
-    # Read by elgs.models.downloads_allowed rather than Settings; 0 keeps containers off the network.
+    # Unlike Settings' default (1), 0 keeps containers off the network.
     assert _env_default(environment.pop("ELGS_ALLOW_DOWNLOAD")) == "0"
     elgs_names = {name for name in environment if name.startswith("ELGS_")}
     unknown = {name for name in elgs_names if name.removeprefix("ELGS_").lower() not in settings}

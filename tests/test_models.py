@@ -1,3 +1,5 @@
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -37,10 +39,20 @@ def test_local_weights_file_loaded_with_weights_only(tmp_path, monkeypatch):
                      default_lambda=1.0, weights_source="test", weights_file="tiny-weights.pth",
                      build=lambda state: _linear_with(state))
     monkeypatch.setitem(model_registry.MODELS, "tiny_linear", spec)
-    monkeypatch.setenv("ELGS_WEIGHTS_DIR", str(tmp_path))
-    loaded = load_model("tiny_linear", device="cpu")
+    loaded = load_model("tiny_linear", device="cpu", weights_dir=tmp_path)
     torch.testing.assert_close(loaded.module.weight, reference.weight)
     assert loaded.weights == "pretrained" and not loaded.module.weight.requires_grad and not loaded.module.training
+    # The registry reads no ELGS_* variable: Settings does, and the CLI and the app pass its values on.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("ELGS_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(WeightsUnavailableError):
+        load_model("tiny_linear", device="cpu", allow_download=False)
+    from elgs.commands import zoo_options
+
+    monkeypatch.setenv("ELGS_ALLOW_DOWNLOAD", "0")
+    monkeypatch.setenv("ELGS_DEVICE", "cpu")
+    assert zoo_options() == {"device": "cpu", "weights_dir": tmp_path, "allow_download": False}
+    assert zoo_options("meta")["device"] == "meta"
 
 
 def _linear_with(state):
@@ -59,7 +71,7 @@ def test_pickled_objects_are_refused(tmp_path, monkeypatch):
     spec = ModelSpec(name="tiny_evil", summary="test", input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
                      default_lambda=1.0, weights_source="test", weights_file="tiny-weights.pth", build=_linear_with)
     monkeypatch.setitem(model_registry.MODELS, "tiny_evil", spec)
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only load failed|Unsupported global"):
         load_model("tiny_evil", device="cpu", weights_dir=tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""Asyncio micro-batcher in front of the engine (DESIGN 4).
+"""Asyncio micro-batcher in front of the engine (design.md, section 4).
 
 One :class:`Batcher` per model. Callers ``await batcher.submit(request)`` from the event loop; the
 batcher queues the request, closes a batch when it holds ``max_batch_size`` requests or
@@ -8,6 +8,9 @@ worker thread (so the event loop stays free) and resolves one future per request
 Guarantees:
     * result ``i`` is the engine's result for request ``i`` (the engine computes every image on its own);
     * the queue is bounded: a full queue raises :class:`QueueFullError` at once;
+    * admission by expected wait: a request whose answer would, by the measured batch time and the
+      requests ahead of it, come after its deadline is refused at once (:class:`QueueFullError`), and
+      :meth:`Batcher.reserve` lets a caller hold its place before it decodes (docs/design.md, section 4);
     * each request has a deadline (:class:`DeadlineExceededError`); requests whose caller went away
       (the awaiting task was cancelled, e.g. on client disconnect) or whose deadline passed are
       dropped before compute;
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import math
 import time
@@ -33,17 +37,21 @@ from elgs.engine import Engine, Request, Result
 
 logger = logging.getLogger(__name__)
 
+# Errors that say a request's own input is at fault (the next request may well succeed).
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, TypeError, IndexError)
+
 
 class BatcherError(RuntimeError):
     """Base class of the batcher's own errors."""
 
 
 class QueueFullError(BatcherError):
-    """The model's queue holds ``max_queue`` requests; retry after ``retry_after_s`` seconds."""
+    """The model cannot take the request now (queue full or answer expected after the deadline);
+    retry after ``retry_after_s`` seconds."""
 
-    def __init__(self, model: str, max_queue: int, retry_after_s: int) -> None:
-        super().__init__(f"the queue of model {model!r} is full ({max_queue} requests waiting); "
-                         f"retry in {retry_after_s} s")
+    def __init__(self, model: str, max_queue: int, retry_after_s: int, reason: str | None = None) -> None:
+        reason = reason or f"the queue of model {model!r} is full ({max_queue} requests waiting)"
+        super().__init__(f"{reason}; retry in {retry_after_s} s")
         self.model = model
         self.retry_after_s = retry_after_s
 
@@ -76,7 +84,31 @@ class BatcherHooks:
         """One ``Engine.run`` call of ``size`` requests took ``seconds`` (each retry counts)."""
 
     def dropped(self, model: str, reason: str) -> None:
-        """A queued request was dropped before compute; ``reason`` is ``cancelled`` or ``deadline``."""
+        """A queued request was dropped before compute; ``reason`` is ``cancelled``, ``deadline`` or ``shed``
+        (refused with 503 once a measured batch time showed it would be answered after its deadline)."""
+
+
+@dataclass(eq=False)
+class Reservation:
+    """A place held in a batcher's queue for a request that is still arriving or decoding.
+
+    Counts against ``max_queue`` and the expected wait until :meth:`release` (idempotent), or until
+    :meth:`Batcher.submit` in the same context (task or its children) queues the request.
+    """
+
+    batcher: Batcher
+    deadline: float  # time.monotonic()
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.batcher._reserved -= 1
+
+
+# The reservation of the request being handled in this context, taken over by ``submit``.
+_current_reservation: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar(
+    "elgs_reservation", default=None)
 
 
 @dataclass(eq=False)
@@ -148,6 +180,8 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._trace = _BatchTrace()
         self._closed = False
+        self._reserved = 0  # requests admitted by reserve() and not queued yet
+        self._computing = 0  # batches in the compute thread
 
     @property
     def model_name(self) -> str:
@@ -157,6 +191,16 @@ class Batcher:
     def depth(self) -> int:
         """Requests waiting in the queue (not counting the batch being computed)."""
         return len(self._pending)
+
+    @property
+    def reserved(self) -> int:
+        """Requests admitted by :meth:`reserve` that are still arriving or decoding."""
+        return self._reserved
+
+    @property
+    def batch_seconds(self) -> float:
+        """The measured (exponentially averaged) time of one batch, the warm-up batch included."""
+        return self._trace.seconds
 
     @property
     def running(self) -> bool:
@@ -174,11 +218,17 @@ class Batcher:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"elgs-batcher-{self.model_name}")
 
     async def warm_up(self, requests: Sequence[Request]) -> list[Result]:
-        """Run ``requests`` as one batch in the worker thread, outside the queue and the metrics."""
+        """Run ``requests`` as one batch in the worker thread, outside the queue and the metrics, twice:
+        the second run's time is the first batch time admission uses."""
         if self._executor is None:
             raise BatcherClosedError(f"the batcher of model {self.model_name!r} is not started")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.engine.run, list(requests))
+        await loop.run_in_executor(self._executor, self.engine.run, list(requests))
+        # Timed once warm (the first run pays one-off costs): admission's first batch time.
+        started = time.perf_counter()
+        results = await loop.run_in_executor(self._executor, self.engine.run, list(requests))
+        self._trace.add(time.perf_counter() - started)
+        return results
 
     async def close(self) -> None:
         """Stop the worker; queued requests fail with :class:`BatcherClosedError`.
@@ -202,22 +252,66 @@ class Batcher:
 
     # Submission ---------------------------------------------------------------------------------
 
-    def retry_after_s(self) -> int:
-        """Seconds a rejected client should wait: the time to drain the current queue (at least 1)."""
-        batches = math.ceil((len(self._pending) + 1) / self.max_batch_size)
-        return max(1, math.ceil(batches * self._trace.seconds))
+    def expected_wait_s(self, ahead: int | None = None) -> float:
+        """Seconds until a request admitted now gets its answer.
 
-    def check_capacity(self) -> None:
+        The batch in compute, then the batches of the ``ahead`` requests before it (default: the
+        queued and the reserved ones) and its own, each taking the measured batch time.
+        """
+        ahead = len(self._pending) + self._reserved if ahead is None else ahead
+        batches = self._computing + math.ceil((ahead + 1) / self.max_batch_size)
+        return batches * self._trace.seconds
+
+    def retry_after_s(self) -> int:
+        """Seconds a refused client should wait before a request with a full ``request_timeout_s`` is
+        admitted, if nothing else arrives: the queue drains below ``max_queue`` and the expected wait
+        falls to the timeout (at least 1)."""
+        ahead = len(self._pending) + self._reserved
+        over_length = math.ceil(max(0, ahead - self.max_queue + 1) / self.max_batch_size) * self._trace.seconds
+        over_wait = self.expected_wait_s(ahead) - self.request_timeout_s
+        return max(1, math.ceil(max(over_length, over_wait)))
+
+    def check_capacity(self, deadline: float | None = None) -> None:
         """Raise now what :meth:`submit` would raise for lack of room, so callers can skip work first.
+
+        Args:
+            deadline: the request's ``time.monotonic()`` deadline; when given, a request whose expected
+                wait (:meth:`expected_wait_s`) exceeds the time left is refused too.
 
         Raises:
             BatcherClosedError: not started or closed.
-            QueueFullError: ``max_queue`` requests are waiting.
+            QueueFullError: ``max_queue`` requests are waiting or reserved, or the answer would come too late.
         """
         if self._closed or not self.running:
             raise BatcherClosedError(f"model {self.model_name!r} is not accepting requests (shutting down)")
-        if len(self._pending) >= self.max_queue:
+        ahead = len(self._pending) + self._reserved
+        if ahead >= self.max_queue:
             raise QueueFullError(self.model_name, self.max_queue, self.retry_after_s())
+        if deadline is not None and self._trace.samples:  # no batch measured yet: the length rule only
+            wait, left = self.expected_wait_s(ahead), deadline - time.monotonic()
+            if wait > left:
+                raise QueueFullError(self.model_name, self.max_queue, self.retry_after_s(), reason=(
+                    f"model {self.model_name!r} is busy: an answer is expected in {wait:.3g} s "
+                    f"({ahead} requests ahead), after this request's deadline in {max(left, 0):.3g} s"))
+
+    def reserve(self, deadline: float | None = None) -> Reservation:
+        """Admit a request before its body arrives: check capacity, then hold its place.
+
+        The reservation is also made the current one of this context, so :meth:`submit` called from
+        here (or from a task started here) takes it over instead of checking capacity again.
+
+        Args:
+            deadline: ``time.monotonic()`` by which the answer is due (default: now + ``request_timeout_s``).
+
+        Raises:
+            BatcherClosedError, QueueFullError: as :meth:`check_capacity`.
+        """
+        deadline = time.monotonic() + self.request_timeout_s if deadline is None else deadline
+        self.check_capacity(deadline)
+        self._reserved += 1
+        reservation = Reservation(batcher=self, deadline=deadline)
+        _current_reservation.set(reservation)
+        return reservation
 
     async def submit(self, request: Request, *, deadline: float | None = None) -> Result:
         """Queue ``request`` and wait for its result.
@@ -235,7 +329,13 @@ class Batcher:
             Exception: whatever the engine raised for this request alone.
         """
         request = self.engine.resolve(request)
-        self.check_capacity()
+        reservation = _current_reservation.get()
+        if reservation is not None and reservation.batcher is self and not reservation.released:
+            reservation.release()  # admitted already: its place passes to the queue
+            if self._closed or not self.running:
+                raise BatcherClosedError(f"model {self.model_name!r} is not accepting requests (shutting down)")
+        else:
+            self.check_capacity(deadline)
         loop = asyncio.get_running_loop()
         now = loop.time()
         timeout = self.request_timeout_s if deadline is None else deadline - time.monotonic()
@@ -302,11 +402,13 @@ class Batcher:
             taken = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
             self._notify("queue_depth", len(self._pending))
             now = loop.time()
+            # Never compute what would be answered after its deadline (the caller has a 504 by then).
+            finish = now + (self._trace.seconds if self._trace.samples else 0.0)
             batch = []
             for item in taken:
                 if item.future.done():
                     continue
-                if now >= item.deadline:
+                if finish >= item.deadline:
                     item.future.set_exception(DeadlineExceededError(
                         f"the deadline passed while queued for model {self.model_name!r}"))
                     self._notify("dropped", "deadline")
@@ -319,9 +421,14 @@ class Batcher:
     async def _run(self, batch: list[_Item]) -> None:
         self._notify("batch", len(batch))
         started = time.perf_counter()
-        outcomes = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._compute, [item.request for item in batch])
+        self._computing += 1
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._compute, [item.request for item in batch])
+        finally:
+            self._computing -= 1
         self._trace.add(time.perf_counter() - started)
+        self._shed_late()
         for item, outcome in zip(batch, outcomes, strict=True):
             if item.future.done():  # cancelled or timed out during compute
                 continue
@@ -329,6 +436,28 @@ class Batcher:
                 item.future.set_exception(outcome)
             else:
                 item.future.set_result(outcome)
+
+    def _shed_late(self) -> None:
+        """Refuse (503) the queued requests that, by the batch time just measured, would be answered
+        after their deadline: admitted on an estimate that turned out short (load rose), they learn
+        now rather than at their 504. The queue is served in order, so position gives the wait."""
+        if not self._pending:
+            return
+        now = asyncio.get_running_loop().time()
+        keep: list[_Item] = []
+        for item in self._pending:
+            finish = now + (len(keep) // self.max_batch_size + 1) * self._trace.seconds
+            if finish <= item.deadline or item.future.done():
+                keep.append(item)
+                continue
+            retry_after = max(1, math.ceil(finish - item.deadline))
+            item.future.set_exception(QueueFullError(self.model_name, self.max_queue, retry_after, reason=(
+                f"model {self.model_name!r} is slower than when this request was admitted: its answer is now "
+                f"expected {finish - item.enqueued:.3g} s after it arrived, after its deadline")))
+            self._notify("dropped", "shed")
+        if len(keep) != len(self._pending):
+            self._pending = collections.deque(keep)
+            self._notify("queue_depth", len(self._pending))
 
     def _compute(self, requests: list[Request]) -> list[Result | BaseException]:
         """Run ``requests`` in the worker thread; one outcome per request, never raises."""
@@ -346,9 +475,21 @@ class Batcher:
             if len(requests) == 1:
                 return [error]
             logger.warning("batch of %d for %r failed (%s); retrying one by one", len(requests), self.model_name, error)
-            return [outcome for request in requests for outcome in self._compute([request])]
+            return self._one_by_one(requests)
         self._notify("model_pass", time.perf_counter() - started, len(requests))
         return list(results)
+
+    def _one_by_one(self, requests: list[Request]) -> list[Result | BaseException]:
+        """Retry each request alone; stop at the first failure that is not about the request's own input
+        (the model or the device is broken: every retry would fail the same way) and fail the rest with it."""
+        outcomes: list[Result | BaseException] = []
+        for position, request in enumerate(requests):
+            outcome = self._compute([request])[0]
+            outcomes.append(outcome)
+            if isinstance(outcome, BaseException) and not isinstance(outcome, INPUT_ERRORS):
+                outcomes.extend([outcome] * (len(requests) - position - 1))
+                break
+        return outcomes
 
     def _notify(self, event: str, *args) -> None:
         for hooks in self.hooks:

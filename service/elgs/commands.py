@@ -19,12 +19,22 @@ def _model_arguments(parser: argparse.ArgumentParser, default: str = "vgg16") ->
     parser.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's)")
 
 
+def zoo_options(device: str | None = None) -> dict:
+    """``device`` (else ELGS_DEVICE), ELGS_WEIGHTS_DIR and ELGS_ALLOW_DOWNLOAD, read by :class:`Settings`
+    (the one reader of the environment), as keyword arguments of :func:`elgs.models.load_model`."""
+    from elgs.api.settings import Settings
+
+    settings = Settings()
+    return {"device": device or settings.device, "weights_dir": settings.weights_dir,
+            "allow_download": settings.allow_download}
+
+
 def load_model_or_fail(args: argparse.Namespace):
     """Load the model named by ``--model/--weights/--device/--input-size`` or raise CommandError."""
     from elgs.models import load_model
 
     try:
-        return load_model(args.model, weights=args.weights, device=args.device, input_size=args.input_size)
+        return load_model(args.model, weights=args.weights, input_size=args.input_size, **zoo_options(args.device))
     except (WeightsUnavailableError, ValueError, KeyError) as error:
         raise CommandError(str(error)) from None
 
@@ -170,7 +180,7 @@ def _models_list(args: argparse.Namespace) -> int:
         if spec.embedded_weights is not None:
             status = "embedded"
         else:
-            local = resolve_weights_file(spec)
+            local = resolve_weights_file(spec, zoo_options()["weights_dir"])
             status = f"found at {local}" if local else f"missing ({spec.weights_file})"
         print(f"{spec.name:<20} input {spec.input_size:<4} lambda {spec.default_lambda:<4} weights {status}")
         print(f"{'':<20} {spec.summary}")
@@ -183,7 +193,9 @@ def _models_fetch(args: argparse.Namespace) -> int:
 
     for name in args.names:
         try:
-            load_state_dict(get_model_spec(name))
+            options = zoo_options()
+            load_state_dict(get_model_spec(name), weights_dir=options["weights_dir"],
+                            allow_download=options["allow_download"])
         except (WeightsUnavailableError, KeyError) as error:
             raise CommandError(str(error)) from None
         print(f"{name}: weights ready")

@@ -1,4 +1,4 @@
-"""The two-pass engine (DESIGN 3): one batch of requests for one model in, one result per request out.
+"""The two-pass engine (design.md, section 3): one batch of requests for one model in, one result per request out.
 
 Pass 1 is one forward on the original images; it carries the input gradient only when a request
 of the batch needs a saliency map (``slgs``, ``wlgs``, the ``saliency`` task), and then one backward

@@ -1,4 +1,4 @@
-"""Service load benchmark (DESIGN 8): HTTP throughput and latency against the engine's own ceiling.
+"""Service load benchmark (design.md, section 8): HTTP throughput and latency against the engine's own ceiling.
 
 An asyncio load generator keeps ``concurrency`` requests in flight against ``POST /defend/{method}``
 for a fixed time per level and records each request's latency. By default it starts the servers

@@ -49,15 +49,19 @@ def test_lambda_zero_is_identity(name, device):
 def test_empty_batch(name):
     x = torch.rand(0, 3, 16, 16)
     out = get_defense(name).apply(_batch(x, saliency=torch.rand(0, 16, 16)))
-    assert out.image.shape == (0, 3, 16, 16)
+    assert out.image.shape == (0, 3, 16, 16) and out.mask.shape == (0, 1, 16, 16)
+    assert out.image.dtype == x.dtype and out.mask.dtype == x.dtype
 
 
-def test_constant_images_stay_finite():
+def test_constant_images_stay_finite_and_gradient_defences_leave_them_alone():
     for value in (0.0, 0.5, 1.0):
         x = torch.full((2, 3, 24, 24), value)
         for name in DEFENSES:
             out = get_defense(name).apply(_batch(x, lam=10.0, saliency=torch.zeros(2, 24, 24)))
             assert torch.isfinite(out.image).all(), name
+            if get_defense(name).uses_lambda:  # no gradient anywhere: nothing to smooth
+                torch.testing.assert_close(out.image, x, atol=1e-6, rtol=0, msg=name)
+                assert out.mask.abs().max() == 0, name
 
 
 def test_lgs_suppresses_towards_mean_colour():
@@ -98,7 +102,8 @@ def test_median_network_equals_sorting_median():
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
     expected = padded.unfold(2, 3, 1).unfold(3, 3, 1).flatten(-2).median(dim=-1).values
     assert torch.equal(median(x), expected)
-    assert median(x, kernel_size=5).shape == x.shape
+    padded5 = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    assert torch.equal(median(x, kernel_size=5), padded5.unfold(2, 5, 1).unfold(3, 5, 1).flatten(-2).median(dim=-1).values)
 
 
 def test_slgs_and_wlgs_masks_by_hand():

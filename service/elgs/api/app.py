@@ -13,11 +13,12 @@ from fastapi.staticfiles import StaticFiles
 from elgs.api.dependencies import require_api_key
 from elgs.api.errors import install_error_handlers
 from elgs.api.metrics import MetricsMiddleware, ServiceMetrics
-from elgs.api.routes import OPEN_ROUTERS, PROTECTED_ROUTERS
+from elgs.api.middleware import AdmissionMiddleware, ApiKeyMiddleware, RequestIdMiddleware, route_patterns
+from elgs.api.routes import INFERENCE_ROUTERS, OPEN_ROUTERS, PROTECTED_ROUTERS
 from elgs.api.routes.page import STATIC_DIR
 from elgs.api.settings import Settings
 from elgs.api.state import ServiceState, load_models
-from elgs.api.uploads import BodyLimitMiddleware
+from elgs.api.uploads import BodyLimitMiddleware, DecodePool
 from elgs.models import LoadedModel
 
 logger = logging.getLogger("elgs.api")
@@ -31,7 +32,8 @@ Upload an image as the multipart field `image`:
     curl -F image=@cat.jpg 'http://localhost:8000/defend/slgs?lambda=3.5'
     curl -F image=@cat.jpg 'http://localhost:8000/defend/slgs?response=image' -o defended.png
 
-Every error is `{"detail": "..."}` saying what to fix. When the server sets `ELGS_API_KEY`, send
+Every error is `{"detail": "..."}` saying what to fix; every response carries `X-Request-ID` (yours, if you
+send a plain one), which a 500 quotes and the server's log names. When the server sets `ELGS_API_KEY`, send
 `Authorization: Bearer <key>`; the health probes, `/metrics`, the web page at `/` (it asks for the key)
 and these docs stay open.
 """
@@ -69,6 +71,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         finally:
             app.state.service = None
             await service.close()
+            app.state.decoder.close()
 
     from elgs import __version__
 
@@ -83,12 +86,21 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     app.state.settings = settings
     app.state.metrics = service_metrics
     app.state.service = None
+    app.state.decoder = DecodePool(settings.decode_concurrency)
     install_error_handlers(app)
-    # Added last = outermost: metrics see every answer, including the body limit's 413.
-    app.add_middleware(BodyLimitMiddleware, max_upload_mb=settings.max_upload_mb)
+    # Outermost last. In order of arrival: metrics (see every answer), request id (and clean 500s),
+    # API key, body limits (size 413, time 408), admission (503): all before the body is read.
+    app.add_middleware(AdmissionMiddleware, inference=route_patterns(INFERENCE_ROUTERS))
+    app.add_middleware(BodyLimitMiddleware, max_upload_mb=settings.max_upload_mb,
+                       body_timeout_s=settings.body_timeout_s)
+    api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    app.add_middleware(ApiKeyMiddleware, api_key=api_key, protected=route_patterns(PROTECTED_ROUTERS))
+    app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=service_metrics)
 
-    protected = [Depends(require_api_key)]
+    # The middleware checks the key; the dependency also declares bearer auth in the OpenAPI
+    # document, so only when a key is set.
+    protected = [Depends(require_api_key)] if api_key is not None else []
     for router in PROTECTED_ROUTERS:
         app.include_router(router, dependencies=protected)
     for router in OPEN_ROUTERS:

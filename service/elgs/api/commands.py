@@ -26,6 +26,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-wait-ms", type=float, default=None, help="batch window after its first request (5)")
     parser.add_argument("--max-queue", type=int, default=None, help="queued requests per model before 503 (256)")
     parser.add_argument("--request-timeout-s", type=float, default=None, help="per-request deadline before 504 (30)")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="concurrent connections before uvicorn answers 503 ($ELGS_MAX_CONNECTIONS, 1000)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(handler=_serve)
 
@@ -42,7 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {field: getattr(args, field) for field in (
         "models", "host", "port", "weights", "weights_dir", "device", "input_size", "max_batch_size", "max_wait_ms",
-        "max_queue", "request_timeout_s") if getattr(args, field) is not None}
+        "max_queue", "request_timeout_s", "max_connections") if getattr(args, field) is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as error:
@@ -57,5 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings, models=models)
     print(f"elgs: serving {', '.join(settings.models)} on http://{settings.host}:{settings.port} "
           f"(web page at /, API docs at /docs)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, workers=1)
+    # limit_concurrency bounds open connections (slow clients included): over it, uvicorn answers 503.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, workers=1,
+                limit_concurrency=settings.max_connections)
     return 0

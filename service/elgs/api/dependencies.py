@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from elgs.api.middleware import MISSING_KEY, WRONG_KEY
 from elgs.api.settings import Settings
 from elgs.api.state import ModelRuntime, ServiceState
 
@@ -32,15 +33,19 @@ def require_api_key(
     settings: Annotated[Settings, Depends(get_settings)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> None:
-    """401 unless the request carries ``Authorization: Bearer <ELGS_API_KEY>`` (when a key is set)."""
+    """401 unless the request carries ``Authorization: Bearer <ELGS_API_KEY>`` (when a key is set).
+
+    :class:`elgs.api.middleware.ApiKeyMiddleware` checks the same before the body is read; this
+    dependency declares the scheme in the OpenAPI document and guards routes used without it.
+    """
     if settings.api_key is None:
         return
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
-        raise HTTPException(401, "missing API key: send the header 'Authorization: Bearer <key>'", headers=challenge)
+        raise HTTPException(401, MISSING_KEY, headers=challenge)
     expected = settings.api_key.get_secret_value().encode()
     if not hmac.compare_digest(credentials.credentials.encode(), expected):
-        raise HTTPException(401, "wrong API key in 'Authorization: Bearer <key>'", headers=challenge)
+        raise HTTPException(401, WRONG_KEY, headers=challenge)
 
 
 def get_runtime(

@@ -1,4 +1,5 @@
-"""Map every failure to ``{"detail": "..."}`` with the status of DESIGN 6, worded so a user knows what to fix."""
+"""Map every failure to ``{"detail": "..."}`` with the status of design.md, section 6, worded so a user knows
+what to fix."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from PIL import UnidentifiedImageError
 
 from elgs.api.inference import ClientDisconnectedError
+from elgs.api.middleware import internal_error_response, queue_full_response, request_id
 from elgs.api.state import ModelNotLoadedError
 from elgs.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
 from elgs.engine import InvalidParameterError, UnknownMethodError
@@ -36,7 +38,9 @@ ERROR_DESCRIPTIONS = {
     413: "upload over max_upload_mb or image over max_pixels",
     415: "the upload is not an image type",
     422: "a parameter is out of range or the 'image' field is missing",
-    503: "queue full (see Retry-After) or the server is shutting down",
+    408: "the request body did not arrive within body_timeout_s",
+    500: "a fault of the server: the body says only 'internal error' and the request id the logs name",
+    503: "queue full or the answer would come after the deadline (see Retry-After), or the server is shutting down",
     504: "no answer within request_timeout_s",
 }
 
@@ -85,12 +89,8 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     return _json(422, format_validation_errors(error.errors()))
 
 
-async def _queue_full(request: Request, error: QueueFullError) -> JSONResponse:
-    return _json(503, str(error), headers={"Retry-After": str(error.retry_after_s)})
-
-
-async def _closed(request: Request, error: BatcherClosedError) -> JSONResponse:
-    return _json(503, f"{error}; retry on another replica or in a moment", headers={"Retry-After": "1"})
+async def _queue_full(request: Request, error: QueueFullError | BatcherClosedError) -> JSONResponse:
+    return queue_full_response(error)
 
 
 async def _deadline(request: Request, error: DeadlineExceededError) -> JSONResponse:
@@ -127,15 +127,17 @@ async def _client_gone(request: Request, error: Exception) -> JSONResponse:
 
 
 async def _internal(request: Request, error: Exception) -> JSONResponse:
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
-    return _json(500, f"internal error ({type(error).__name__}: {error}); the server logs have the traceback")
+    # RequestIdMiddleware answers unhandled errors first; this is the last resort outside it.
+    rid = request_id(request.scope)
+    logger.error("internal error on %s %s (request id %s)", request.method, request.url.path, rid, exc_info=error)
+    return internal_error_response(rid)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(QueueFullError, _queue_full)
-    app.add_exception_handler(BatcherClosedError, _closed)
+    app.add_exception_handler(BatcherClosedError, _queue_full)
     app.add_exception_handler(DeadlineExceededError, _deadline)
     app.add_exception_handler(UnknownMethodError, _unknown_method)
     app.add_exception_handler(ModelNotLoadedError, _model_not_loaded)

@@ -12,6 +12,7 @@ import torch
 from fastapi import Request as HttpRequest
 from fastapi import UploadFile
 
+from elgs.api.middleware import admit
 from elgs.api.settings import Settings
 from elgs.api.state import ModelRuntime
 from elgs.api.uploads import read_image
@@ -69,10 +70,9 @@ async def run(http_request: HttpRequest, runtime: ModelRuntime, settings: Settin
               **request_fields) -> Answer:
     """Decode ``upload`` at the model's input size, run it through the batcher, time each stage."""
     started = time.perf_counter()
-    deadline = time.monotonic() + settings.request_timeout_s
-    runtime.batcher.check_capacity()  # a full queue answers 503 before any decoding
+    deadline = await admit(http_request, runtime, settings)  # 503 when the model cannot take it, before decoding
     image = await read_image(upload, size=runtime.model.input_size, max_upload_mb=settings.max_upload_mb,
-                             max_pixels=settings.max_pixels)
+                             max_pixels=settings.max_pixels, decoder=http_request.app.state.decoder)
     decoded = time.perf_counter()
     result = await submit_unless_disconnected(http_request, runtime, Request(image=image, **request_fields), deadline)
     waited_ms = (time.perf_counter() - decoded) * 1000

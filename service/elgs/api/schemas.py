@@ -1,4 +1,4 @@
-"""Response bodies of the HTTP API (DESIGN 6); the OpenAPI document at /docs is generated from them."""
+"""Response bodies of the HTTP API (design.md, section 6); the OpenAPI document at /docs is generated from them."""
 
 from __future__ import annotations
 

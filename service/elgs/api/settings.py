@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     weights: Literal["pretrained", "random"] = Field(
         default="pretrained", description="'random' is for development and tests only")
     weights_dir: Path | None = Field(default=None, description="directory holding local weight files")
+    allow_download: bool = Field(default=True, description="download missing torchvision weights (0: fail fast)")
     device: str | None = Field(default=None, description="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     input_size: int | None = Field(default=None, ge=32, le=1024, description="square input side (default: per model)")
     host: str = Field(default="127.0.0.1", description="address uvicorn binds")
@@ -41,6 +42,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=30.0, gt=0, description="per-request deadline before 504")
     max_upload_mb: float = Field(default=20.0, gt=0, description="largest upload in MiB before 413")
     max_pixels: int = Field(default=40_000_000, ge=1, description="largest image in pixels before 413")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="time to receive a request body before 408")
+    max_connections: int = Field(default=1000, ge=1,
+                                 description="concurrent connections uvicorn serves before answering 503")
+    decode_concurrency: int | None = Field(
+        default=None, ge=1, le=64, description="uploads decoded at once (default: one per core, at most 4)")
     api_key: SecretStr | None = Field(
         default=None, description="when set, every endpoint but health and metrics needs 'Authorization: Bearer <key>'")
     warmup: bool = Field(default=True, description="run one batch per model before /health/ready says ready")

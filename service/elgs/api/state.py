@@ -41,7 +41,7 @@ def load_models(settings: Settings) -> list[LoadedModel]:
     """Load ``settings.models`` from the zoo (blocking; raises what :func:`load_model` raises)."""
     return [
         load_model(name, weights=settings.weights, device=settings.device, input_size=settings.input_size,
-                   weights_dir=settings.weights_dir)
+                   weights_dir=settings.weights_dir, allow_download=settings.allow_download)
         for name in settings.models
     ]
 

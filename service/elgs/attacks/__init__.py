@@ -1,5 +1,5 @@
 """Patch attacks and their evaluation: LaVAN and Adversarial Patch training, patch application,
-white-box training through a defence, and the paper's accuracy tables (DESIGN 7).
+white-box training through a defence, and the paper's accuracy tables (design.md, section 7).
 
 Depends on ``elgs.models``, ``elgs.defenses`` and ``elgs.engine`` only.
 """

@@ -26,10 +26,11 @@ def _positive_int(text: str) -> int:
 
 
 def _load_model(name: str, weights: str, device: str | None, input_size: int | None):
+    from elgs.commands import zoo_options
     from elgs.models import WeightsUnavailableError, load_model
 
     try:
-        return load_model(name, weights=weights, device=device, input_size=input_size)
+        return load_model(name, weights=weights, input_size=input_size, **zoo_options(device))
     except (WeightsUnavailableError, ValueError, KeyError) as error:
         raise CommandError(str(error)) from None
 

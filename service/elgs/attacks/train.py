@@ -1,4 +1,4 @@
-"""Training universal targeted patches: LaVAN squares and Adversarial-Patch circles (DESIGN 7).
+"""Training universal targeted patches: LaVAN squares and Adversarial-Patch circles (design.md, section 7).
 
 The patch is a single (3, s, s) image shared by all images. ``lavan`` maximises ``z_target - z_source``
 with the patch pasted by mask replacement at the test placement or at random positions; ``patch``
@@ -123,11 +123,9 @@ class AttackConfig:
     def shape(self) -> str:
         return SHAPES[self.attack]
 
-    # Fields that must match for a checkpoint to be resumed.
     def identity(self) -> dict:
-        keys = ("attack", "target", "patch_size", "image_size", "placement", "epochs", "batches_per_epoch",
-                "batch_size", "optimizer", "lr", "parametrization", "through", "through_saliency", "seed")
-        return {key: getattr(self, key) for key in keys}
+        """Every field: all of them affect training, so all must match for a checkpoint to be resumed."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
 
 @dataclass

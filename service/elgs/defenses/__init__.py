@@ -1,4 +1,4 @@
-"""Pure batched tensor ops of the defences (DESIGN 2); imports only torch (and Pillow for JPEG).
+"""Pure batched tensor ops of the defences (design.md, section 2); imports only torch (and Pillow for JPEG).
 
 Public API (stable): ``local_gradient_map``, ``saliency_region``, ``smooth``, ``topk_saliency``,
 the transforms ``lgs``/``slgs``/``wlgs``, the saliency estimators (``ESTIMATORS``, ``parse_saliency``,

@@ -1,4 +1,4 @@
-"""Whole-image baseline filters in pixel space (DESIGN 2.5): JPEG, median, Gaussian."""
+"""Whole-image baseline filters in pixel space (design.md, section 2.5): JPEG, median, Gaussian."""
 
 from __future__ import annotations
 

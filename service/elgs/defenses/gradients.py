@@ -1,4 +1,4 @@
-"""Local gradient map of LGS (DESIGN 2.1): Sobel magnitude, per-image min-max, block filtering."""
+"""Local gradient map of LGS (design.md, section 2.1): Sobel magnitude, per-image min-max, block filtering."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def local_gradient_map(
     window: int = 15,
     overlap: int = 5,
 ) -> torch.Tensor:
-    """Local gradient map ``g`` of LGS (Naseer et al., 2019) as DESIGN 2.1 fixes it.
+    """Local gradient map ``g`` of LGS (Naseer et al., 2019) as design.md, section 2.1 fixes it.
 
     Args:
         xn: model-normalised images of shape (B, C, H, W).

@@ -1,4 +1,4 @@
-"""Binary morphology with a 3x3 square element and the SLGS saliency region (DESIGN 2.4)."""
+"""Binary morphology with a 3x3 square element and the SLGS saliency region (design.md, section 2.4)."""
 
 from __future__ import annotations
 

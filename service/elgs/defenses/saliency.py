@@ -1,4 +1,4 @@
-"""Top-k saliency ``S`` (DESIGN 2.3): input gradient of the summed cross entropy of the top-k classes."""
+"""Top-k saliency ``S`` (design.md, section 2.3): input gradient of the summed cross entropy of the top-k classes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gradient smoothing ``T(xn) = xn * clamp(1 - lam * m, 0, 1)`` (DESIGN 2.2, paper Eq. 5)."""
+"""Gradient smoothing ``T(xn) = xn * clamp(1 - lam * m, 0, 1)`` (design.md, section 2.2, paper Eq. 5)."""
 
 from __future__ import annotations
 

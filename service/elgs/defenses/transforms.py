@@ -1,4 +1,4 @@
-"""The three gradient-smoothing defences: LGS, SLGS and WLGS (DESIGN 2.2)."""
+"""The three gradient-smoothing defences: LGS, SLGS and WLGS (design.md, section 2.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model zoo (DESIGN 5): a registry of classifier specs and a loader that resolves their weights."""
+"""Model zoo (design.md, section 5): a registry of classifier specs and a loader that resolves their weights."""
 
 from elgs.models.registry import (
     MODELS,

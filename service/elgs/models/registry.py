@@ -1,8 +1,10 @@
 """Zoo entries and loading: torchvision VGG16 / InceptionV3 and the offline EfficientNet-Lite0.
 
-Weights for the torchvision models are looked up, in order, in ``$ELGS_WEIGHTS_DIR/<file>``,
-then torchvision's cache ``$TORCH_HOME/hub/checkpoints/<file>``, then downloaded into that cache
-when the network allows. Files are always read with ``torch.load(weights_only=True)``.
+Weights for the torchvision models are looked up, in order, in ``weights_dir/<file>``, then
+torchvision's cache ``$TORCH_HOME/hub/checkpoints/<file>``, then downloaded into that cache when
+``allow_download``. Files are always read with ``torch.load(weights_only=True)``. This module reads
+no ``ELGS_*`` variable: callers pass the values (the service's and the CLI's come from
+:class:`elgs.api.settings.Settings`, the one reader of the environment).
 """
 
 from __future__ import annotations
@@ -146,9 +148,8 @@ def get_model_spec(name: str) -> ModelSpec:
         raise KeyError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
 
 
-def default_device() -> torch.device:
-    """``$ELGS_DEVICE`` if set, else CUDA when available, else CPU."""
-    requested = os.environ.get("ELGS_DEVICE")
+def default_device(requested: str | None = None) -> torch.device:
+    """``requested`` if given, else CUDA when available, else CPU."""
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,11 +160,10 @@ def _torch_cache_dir() -> Path:
 
 
 def resolve_weights_file(spec: ModelSpec, weights_dir: str | os.PathLike | None = None) -> Path | None:
-    """The first existing local weights file for ``spec``: ``weights_dir`` (or ``$ELGS_WEIGHTS_DIR``),
-    then torchvision's cache. None when neither has it."""
+    """The first existing local weights file for ``spec``: ``weights_dir``, then torchvision's cache.
+    None when neither has it."""
     if spec.weights_file is None:
         return None
-    weights_dir = weights_dir or os.environ.get("ELGS_WEIGHTS_DIR")
     candidates = [Path(weights_dir) / spec.weights_file] if weights_dir else []
     candidates.append(_torch_cache_dir() / spec.weights_file)
     return next((path for path in candidates if path.is_file()), None)
@@ -180,17 +180,10 @@ def _missing_weights_message(spec: ModelSpec, reason: str) -> str:
     )
 
 
-def downloads_allowed() -> bool:
-    """False when ``$ELGS_ALLOW_DOWNLOAD`` is 0/false/no (air-gapped hosts fail fast instead of waiting)."""
-    return os.environ.get("ELGS_ALLOW_DOWNLOAD", "1").strip().lower() not in ("0", "false", "no")
-
-
 def load_state_dict(spec: ModelSpec, *, weights_dir: str | os.PathLike | None = None,
-                    allow_download: bool | None = None) -> dict:
+                    allow_download: bool = True) -> dict:
     """Pretrained state dict of ``spec`` from the embedded file, a local file, or a download
-    (unless ``allow_download`` is False; None reads ``$ELGS_ALLOW_DOWNLOAD``)."""
-    if allow_download is None:
-        allow_download = downloads_allowed()
+    (unless ``allow_download`` is False: air-gapped hosts fail fast instead of waiting)."""
     if spec.embedded_weights is not None:
         return torch.load(spec.embedded_weights(), map_location="cpu", weights_only=True)
     local = resolve_weights_file(spec, weights_dir)
@@ -214,7 +207,7 @@ def load_model(
     device: str | torch.device | None = None,
     input_size: int | None = None,
     weights_dir: str | os.PathLike | None = None,
-    allow_download: bool | None = None,
+    allow_download: bool = True,
 ) -> LoadedModel:
     """Build zoo model ``name`` with ``weights`` ("pretrained" or "random") on ``device``.
 
@@ -236,7 +229,7 @@ def load_model(
         spec=spec,
         module=module,
         weights=weights,
-        device=torch.device(device) if device is not None else default_device(),
+        device=default_device(None if device is None else str(device)),
         input_size=input_size or spec.input_size,
         labels=imagenet_labels(),
     )

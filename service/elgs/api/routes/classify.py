@@ -19,7 +19,7 @@ IMAGE_FIELD = File(description="the image: any format Pillow reads (JPEG, PNG, G
 
 @router.post(
     "/classify", response_model=ClassifyResponse, summary="Classify an image",
-    responses=error_responses(400, 401, 404, 413, 415, 422, 503, 504),
+    responses=error_responses(400, 401, 404, 408, 413, 415, 422, 503, 504),
 )
 async def classify(
     http_request: Request,

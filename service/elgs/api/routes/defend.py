@@ -34,7 +34,8 @@ SALIENCY_DESCRIPTION = (
 )
 async def defend(
     http_request: Request,
-    method: Annotated[str, Path(description=f"the defence: {_METHODS}", examples=["slgs"])],
+    method: Annotated[str, Path(description=f"the defence: {_METHODS}", examples=["slgs"],
+                                json_schema_extra={"enum": list(DEFENSES)})],  # unknown names: 404 at runtime
     image: Annotated[UploadFile, IMAGE_FIELD],
     runtime: RuntimeDep,
     settings: SettingsDep,

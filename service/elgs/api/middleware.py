@@ -1,0 +1,193 @@
+"""ASGI middleware that acts before a request's body is read: request ids and clean 500s, the API
+key, and admission to a model's queue (docs/design.md, sections 4 and 6).
+
+Pure ASGI (not ``BaseHTTPMiddleware``): none of them touches the body stream, so a refused
+request costs no upload, no multipart parse and no decode.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+
+from fastapi import APIRouter, HTTPException
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, MutableHeaders, QueryParams
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from elgs.batcher import BatcherClosedError, QueueFullError, Reservation
+
+logger = logging.getLogger("elgs.api")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# A client's request id is echoed only when it is short and plain (no header or log injection).
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+RESERVATION_KEY = "elgs.reservation"
+
+MISSING_KEY = "missing API key: send the header 'Authorization: Bearer <key>'"
+WRONG_KEY = "wrong API key in 'Authorization: Bearer <key>'"
+
+
+def request_id(scope: Scope) -> str | None:
+    """The id :class:`RequestIdMiddleware` gave the request, if any."""
+    return scope.get("state", {}).get("request_id")
+
+
+def internal_error_response(request_id_: str | None) -> JSONResponse:
+    """The only thing a client learns of a server fault: no exception type, message or path."""
+    return JSONResponse({"detail": "internal error", "request_id": request_id_}, status_code=500)
+
+
+class RequestIdMiddleware:
+    """Give every HTTP request an id, put it on every response as ``X-Request-ID``, and answer an
+    unhandled exception with :func:`internal_error_response` after logging it with that id.
+
+    The id is the client's ``X-Request-ID`` when it matches :data:`SANE_REQUEST_ID`, else a new one.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        rid = given if SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("internal error on %s %s (request id %s)", scope.get("method"), scope.get("path"), rid)
+            if started:  # the answer is half sent: all that is left is to drop the connection
+                raise
+            await internal_error_response(rid)(scope, receive, send_with_id)
+
+
+def route_patterns(routers: Sequence[APIRouter]) -> list[re.Pattern]:
+    """Regular expressions of the paths of the routes in ``routers`` (any method)."""
+    return [compile_path(route.path)[0] for router in routers for route in router.routes]
+
+
+def _matches(patterns: Sequence[re.Pattern], scope: Scope) -> bool:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    path = path[len(root):] if root and path.startswith(root) else path
+    return any(pattern.match(path) for pattern in patterns)
+
+
+class ApiKeyMiddleware:
+    """401 for a request to a protected route without ``Authorization: Bearer <api_key>``, answered
+    before the body is read (uvicorn discards what the client still sends, without parsing it).
+
+    Args:
+        api_key: the key; None protects nothing.
+        protected: path patterns of the routes that need the key (:func:`route_patterns`).
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, protected: Sequence[re.Pattern]) -> None:
+        self.app = app
+        self.expected = api_key.encode() if api_key else None
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is None or scope["type"] != "http" or not _matches(self.protected, scope):
+            await self.app(scope, receive, send)
+            return
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            detail = MISSING_KEY
+        elif not hmac.compare_digest(token.strip().encode(), self.expected):
+            detail = WRONG_KEY
+        else:
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+def queue_full_response(error: QueueFullError | BatcherClosedError) -> JSONResponse:
+    """503 with an honest ``Retry-After``."""
+    if isinstance(error, QueueFullError):
+        return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": str(error.retry_after_s)})
+    return JSONResponse({"detail": f"{error}; retry on another replica or in a moment"}, status_code=503,
+                        headers={"Retry-After": "1"})
+
+
+class AdmissionMiddleware:
+    """Admit an inference request to its model's queue before its body arrives.
+
+    For a POST to one of ``inference`` routes, find the model (``?model=``, default the first),
+    :meth:`~elgs.batcher.Batcher.reserve` a place with the deadline ``request_timeout_s`` from now
+    and hold it while the upload arrives and decodes; answer 503 at once when the model cannot take
+    the request in time. Requests this cannot place (service starting, unknown model) go on to the
+    route, which answers them.
+
+    Args:
+        inference: path patterns of the routes that upload an image to a model (:func:`route_patterns`).
+    """
+
+    def __init__(self, app: ASGIApp, inference: Sequence[re.Pattern]) -> None:
+        self.app = app
+        self.inference = inference
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not _matches(self.inference, scope):
+            await self.app(scope, receive, send)
+            return
+        app_state = scope["app"].state
+        service = getattr(app_state, "service", None)
+        runtime = service.runtimes.get(QueryParams(scope["query_string"]).get("model") or service.default_model) \
+            if service is not None else None
+        if runtime is None:
+            await self.app(scope, receive, send)
+            return
+        deadline = time.monotonic() + app_state.settings.request_timeout_s
+        try:
+            reservation = runtime.batcher.reserve(deadline)
+        except (QueueFullError, BatcherClosedError) as error:
+            # No "Connection: close": uvicorn discards the unread body itself, and a client still
+            # sending it would read a reset instead of this answer.
+            await queue_full_response(error)(scope, receive, send)
+            return
+        scope[RESERVATION_KEY] = reservation
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            reservation.release()
+
+
+async def admit(http_request: HttpRequest, runtime, settings) -> float:
+    """Check the parsed form and the request's admission; its ``time.monotonic()`` deadline.
+
+    A request :class:`AdmissionMiddleware` reserved keeps its place and deadline; any other is
+    checked against the queue now (length and expected wait), before its image is decoded.
+
+    Raises:
+        HTTPException: 422 when the form has more than one ``image`` part.
+        QueueFullError, BatcherClosedError: the model cannot take the request in time.
+    """
+    form = await http_request.form()  # parsed already for the route's UploadFile: cached
+    if len(form.getlist("image")) > 1:
+        raise HTTPException(422, f"the form has {len(form.getlist('image'))} 'image' parts; send exactly one "
+                                 "image per request (curl -F image=@photo.jpg)")
+    reservation: Reservation | None = http_request.scope.get(RESERVATION_KEY)
+    if reservation is not None and reservation.batcher is runtime.batcher and not reservation.released:
+        return reservation.deadline
+    deadline = time.monotonic() + settings.request_timeout_s
+    runtime.batcher.check_capacity(deadline)
+    return deadline

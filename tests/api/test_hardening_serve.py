@@ -1,0 +1,34 @@
+"""``elgs serve`` bounds concurrent connections (uvicorn's limit_concurrency) from the settings."""
+
+from __future__ import annotations
+
+import pytest
+from elgs.cli import main
+
+from tests.conftest import make_tiny_model
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Run ``elgs serve`` with the tiny model and uvicorn.run replaced; the kwargs uvicorn got."""
+    import elgs.api.state
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(elgs.api.state, "load_models", lambda settings: [make_tiny_model()])
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    for name in ("ELGS_MAX_CONNECTIONS", "ELGS_MODELS"):
+        monkeypatch.delenv(name, raising=False)
+
+    def serve(*args: str) -> dict:
+        assert main(["serve", "--models", "tiny", "--weights", "random", *args]) == 0
+        return calls[-1]
+
+    return serve
+
+
+def test_serve_limits_concurrent_connections(served, monkeypatch):
+    assert served()["limit_concurrency"] == 1000
+    assert served("--max-connections", "7")["limit_concurrency"] == 7
+    monkeypatch.setenv("ELGS_MAX_CONNECTIONS", "33")
+    assert served()["limit_concurrency"] == 33

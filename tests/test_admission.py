@@ -1,0 +1,186 @@
+"""Batcher admission (issue 11): expected wait against the deadline, reservations, an honest
+Retry-After, no compute after the deadline, and the one-by-one retry that stops at a broken model.
+
+The batch time is set on the batcher (``_trace``) rather than measured, so no assert depends on
+how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from elgs.batcher import Batcher, DeadlineExceededError, QueueFullError
+from elgs.engine import Engine, Request
+
+from tests.api.helpers import gated_tiny_model
+from tests.conftest import make_tiny_model
+
+
+def _request(size: int = 32) -> Request:
+    return Request(image=torch.rand(3, size, size), task="classify")
+
+
+class _CountingEngine(Engine):
+    """Counts ``run`` calls; fails as ``fail(requests)`` says (an exception to raise, or None)."""
+
+    def __init__(self, model, fail):
+        super().__init__(model)
+        self.calls: list[int] = []
+        self.fail = fail
+
+    def run(self, requests):
+        self.calls.append(len(requests))
+        error = self.fail(requests)
+        if error is not None:
+            raise error
+        return super().run(requests)
+
+
+async def _batcher(engine_or_model, **options) -> Batcher:
+    engine = engine_or_model if isinstance(engine_or_model, Engine) else Engine(engine_or_model)
+    batcher = Batcher(engine, **{"max_batch_size": 1, "max_wait_ms": 0, **options})
+    await batcher.start()
+    return batcher
+
+
+async def test_expected_wait_counts_the_computing_batch_the_queue_and_the_reserved():
+    model, gate = gated_tiny_model()
+    batcher = await _batcher(model, max_batch_size=2, request_timeout_s=100)
+    batcher._trace.add(2.0)
+    try:
+        assert batcher.expected_wait_s() == 2.0  # idle: its own batch
+        gate.opened.clear()
+        computing = asyncio.ensure_future(batcher.submit(_request()))
+        assert await asyncio.to_thread(gate.entered.wait, 10)
+        assert batcher.expected_wait_s() == 4.0  # the batch in compute, then its own
+        queued = [asyncio.ensure_future(batcher.submit(_request())) for _ in range(3)]
+        await asyncio.sleep(0)
+        reservation = batcher.reserve()
+        # 1 computing + ceil((3 queued + 1 reserved + itself) / 2) = 1 + 3 batches
+        assert (batcher.depth, batcher.reserved, batcher.expected_wait_s()) == (3, 1, 8.0)
+        reservation.release()
+        reservation.release()  # idempotent
+        assert batcher.reserved == 0
+        gate.opened.set()
+        await asyncio.wait_for(asyncio.gather(computing, *queued), 10)
+    finally:
+        gate.opened.set()
+        await batcher.close()
+
+
+async def test_a_request_expected_after_its_deadline_is_refused_with_an_honest_retry_after():
+    model, gate = gated_tiny_model()
+    batcher = await _batcher(model, request_timeout_s=5)
+    batcher._trace.add(2.0)
+    gate.opened.clear()
+    try:
+        first = asyncio.ensure_future(batcher.submit(_request()))
+        assert await asyncio.to_thread(gate.entered.wait, 10)
+        second = asyncio.ensure_future(batcher.submit(_request()))  # expected at 4 s <= 5 s
+        await asyncio.sleep(0)
+        assert batcher.depth == 1
+        with pytest.raises(QueueFullError, match="after this request's deadline") as refused:
+            batcher.reserve(time.monotonic() + 5)  # expected at 6 s > 5 s
+        # After Retry-After seconds (nothing else arriving) the same request fits: 6 - 1 <= 5.
+        assert refused.value.retry_after_s == 1
+        assert refused.value.retry_after_s < batcher.request_timeout_s
+        with pytest.raises(QueueFullError):
+            await batcher.submit(_request(), deadline=time.monotonic() + 5)  # submit applies the same rule
+        assert batcher.reserve(time.monotonic() + 7).deadline > 0  # a longer deadline fits
+        gate.opened.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 10)
+    finally:
+        gate.opened.set()
+        await batcher.close()
+
+
+async def test_the_length_rule_counts_reservations_and_submit_takes_its_reservation_over():
+    batcher = await _batcher(make_tiny_model(), max_queue=2)
+    try:
+        other = batcher.reserve()
+        held = batcher.reserve()  # the latest reservation is the context's current one
+        with pytest.raises(QueueFullError, match="full"):
+            batcher.reserve()
+        other.release()
+        # In the context that reserved, submit queues the request in the reserved place (no second check).
+        result = await asyncio.wait_for(batcher.submit(_request()), 10)
+        assert result.predictions and held.released and batcher.reserved == 0
+    finally:
+        await batcher.close()
+
+
+async def test_a_request_that_cannot_finish_before_its_deadline_is_not_computed():
+    model = make_tiny_model()
+    engine = _CountingEngine(model, fail=lambda requests: None)
+    batcher = await _batcher(engine, max_batch_size=2, max_wait_ms=500, request_timeout_s=30)
+    try:
+        # Admitted while no batch time is known; the batch closes 0.5 s later.
+        submitted = asyncio.ensure_future(batcher.submit(_request(), deadline=time.monotonic() + 2.0))
+        await asyncio.sleep(0)
+        assert batcher.depth == 1
+        batcher._trace.add(5.0)  # meanwhile a batch turned out to take 5 s: it would end after the deadline
+        with pytest.raises(DeadlineExceededError):
+            await asyncio.wait_for(submitted, 10)
+        assert engine.calls == []
+    finally:
+        await batcher.close()
+
+
+async def test_the_one_by_one_retry_stops_at_a_failure_that_is_not_the_requests_own():
+    engine = _CountingEngine(make_tiny_model(), fail=lambda requests: RuntimeError("the device is gone"))
+    batcher = await _batcher(engine, max_batch_size=4, max_wait_ms=2000)
+    try:
+        outcomes = await asyncio.wait_for(asyncio.gather(
+            *(batcher.submit(_request()) for _ in range(4)), return_exceptions=True), 10)
+        assert all(isinstance(o, RuntimeError) and "device is gone" in str(o) for o in outcomes)
+        assert engine.calls == [4, 1]  # the batch, then one retry: not four
+    finally:
+        await batcher.close()
+
+
+async def test_the_one_by_one_retry_goes_on_past_a_bad_input():
+    bad = _request()
+
+    def fail(requests):
+        return ValueError("this image is bad") if any(r.image is bad.image for r in requests) else None
+
+    engine = _CountingEngine(make_tiny_model(), fail=fail)
+    batcher = await _batcher(engine, max_batch_size=4, max_wait_ms=2000)
+    try:
+        requests = [_request(), bad, _request(), _request()]
+        outcomes = await asyncio.wait_for(asyncio.gather(
+            *(batcher.submit(r) for r in requests), return_exceptions=True), 10)
+        assert isinstance(outcomes[1], ValueError)
+        assert all(o.predictions for i, o in enumerate(outcomes) if i != 1)
+        assert engine.calls == [4, 1, 1, 1, 1]
+    finally:
+        await batcher.close()
+
+
+async def test_queued_requests_that_a_slower_batch_makes_late_are_refused_at_once_not_at_their_deadline():
+    model, gate = gated_tiny_model()
+    batcher = await _batcher(model, request_timeout_s=30)
+    gate.opened.clear()
+    try:
+        # Admitted while no batch time was known (the length rule only) ...
+        computing = asyncio.ensure_future(batcher.submit(_request()))
+        assert await asyncio.to_thread(gate.entered.wait, 10)
+        queued = [asyncio.ensure_future(batcher.submit(_request(), deadline=time.monotonic() + 20)) for _ in range(2)]
+        await asyncio.sleep(0)
+        # ... then the batches turn out to take 100 s: neither queued request can make its 20 s deadline.
+        batcher._trace.add(100.0)
+        started = time.monotonic()
+        gate.opened.set()
+        assert (await asyncio.wait_for(computing, 10)).predictions
+        for refused in queued:
+            with pytest.raises(QueueFullError, match="slower than when this request was admitted") as error:
+                await asyncio.wait_for(refused, 10)
+            assert error.value.retry_after_s >= 1
+        assert time.monotonic() - started < 10  # told at once, not at the deadline
+        assert batcher.depth == 0
+    finally:
+        gate.opened.set()
+        await batcher.close()
