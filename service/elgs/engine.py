@@ -160,10 +160,10 @@ class Engine:
         """Logits (B, N) and, when ``saliency_rows`` is not empty, ``S`` (B, H, W) (zeros elsewhere)."""
         if not saliency_rows:
             with torch.inference_mode():
-                return self.model.module(self.model.normalize(x)), None
+                return self.model.forward(self.model.normalize(x)), None
         with torch.enable_grad():
             x_input = x.detach().clone().requires_grad_(True)
-            logits = self.model.module(self.model.normalize(x_input))
+            logits = self.model.forward(self.model.normalize(x_input))
             loss = topk_loss(logits[saliency_rows], TOP_K)
             saliency = saliency_from_loss(loss, x_input)
         return logits.detach(), saliency.detach()
@@ -203,8 +203,7 @@ class Engine:
         if not requests:
             return []
         requests = [self.resolve(r) for r in requests]
-        device = self.model.device
-        x = torch.stack([r.image for r in requests]).to(device=device, dtype=torch.float32)
+        x = self.model.to_input(torch.stack([r.image for r in requests]))
         saliency_rows = [i for i, r in enumerate(requests) if self._needs_saliency(r)]
         defend_rows = [i for i, r in enumerate(requests) if r.task == "defend"]
 
@@ -221,7 +220,7 @@ class Engine:
             timing["defense"] = (time.perf_counter() - started) * 1000
             started = time.perf_counter()
             with torch.inference_mode():
-                defended_predictions = self._top_k(self.model.module(self.model.normalize(images)))
+                defended_predictions = self._top_k(self.model.forward(self.model.normalize(images)))
             timing["pass2"] = (time.perf_counter() - started) * 1000
             images, masks = images.cpu(), masks.cpu()
         saliency_cpu = saliency.cpu() if saliency is not None else None

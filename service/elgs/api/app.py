@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -16,7 +15,7 @@ from elgs.api.metrics import MetricsMiddleware, ServiceMetrics
 from elgs.api.routes import OPEN_ROUTERS, PROTECTED_ROUTERS
 from elgs.api.routes.page import STATIC_DIR
 from elgs.api.settings import Settings
-from elgs.api.state import ServiceState, load_models
+from elgs.api.state import ServiceState, load_models_placed
 from elgs.api.uploads import BodyLimitMiddleware
 from elgs.models import LoadedModel
 
@@ -54,14 +53,14 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if models is not None:
-            loaded = list(models)
+            loaded, compute_threads = list(models), None
         else:
-            try:
-                loaded = await asyncio.to_thread(load_models, settings)
+            try:  # each model in the thread that will run it (issue 8)
+                loaded, compute_threads = await load_models_placed(settings)
             except Exception as error:
                 logger.error("cannot start: %s", error)
                 raise
-        service = ServiceState.build(settings, loaded, service_metrics)
+        service = ServiceState.build(settings, loaded, service_metrics, compute_threads)
         await service.start(warmup=settings.warmup)
         app.state.service = service
         try:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-import torch
+import numpy as np
 from fastapi import HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from elgs.images import image_to_tensor, open_image
+from elgs.images import image_to_array, open_image
 
 # Room for the multipart boundaries and part headers around the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -58,12 +58,12 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-def _decode(data: bytes, size: int, max_pixels: int) -> torch.Tensor:
-    return image_to_tensor(open_image(data, max_pixels=max_pixels), size)
+def _decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+    return image_to_array(open_image(data, max_pixels=max_pixels), size)  # no torch here: issue 8
 
 
-async def read_image(upload: UploadFile, *, size: int, max_upload_mb: float, max_pixels: int) -> torch.Tensor:
-    """Check and decode the uploaded image in a worker thread; (3, size, size) in [0, 1].
+async def read_image(upload: UploadFile, *, size: int, max_upload_mb: float, max_pixels: int) -> np.ndarray:
+    """Check and decode the uploaded image in a worker thread; RGB uint8 (size, size, 3).
 
     Raises:
         HTTPException: 415 for a declared non-image type, 413 over the byte limit, 400 for an empty file.
