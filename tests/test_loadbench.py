@@ -138,8 +138,9 @@ def test_engine_measured_in_a_fresh_process_with_the_given_environment():
 
 def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path):
     # The engine ceiling is tested above on the tiny CNN; here it would only add two model loads.
+    # --omp-wait-policy '': servers and floor share this environment's threading, so one floor run each time.
     exit_code = main(["--weights", "random", "--input-size", "64", "--concurrency", "2", "--duration", "0.2",
-                      "--method", "wlgs", "--no-engine", "--out", str(tmp_path)])
+                      "--method", "wlgs", "--no-engine", "--omp-wait-policy", "", "--out", str(tmp_path)])
     assert exit_code == 0
     document = json.loads((tmp_path / "service_load.json").read_text())
     assert document["servers"] == {"batching on": 4, "batching off": 1}
@@ -151,7 +152,7 @@ def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path):
     # The floor: a fresh process before and after the levels, at the batched server's size and at 1.
     assert [row["batch_size"] for row in document["floor"]["before"]] == [4, 1]
     assert [row["batch_size"] for row in document["floor"]["after"]] == [4, 1]
-    assert set(document["floor"]["combined"]) == {"4", "1"}
+    assert set(document["floor"]["combined"]) == {"4", "1"} and list(document["floor"]["runs"]["before"]) == ["inherited"]
     assert all(level["floor_ratio"] > 0 for level in document["levels"])
     assert set(document["floor_ratios"]) == {"batching on", "batching off"}
     assert (document["model"], document["weights"], document["image_size"]) == ("efficientnet_lite0", "random", 64)

@@ -510,7 +510,8 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
         batched_max_batch_size: ``ELGS_MAX_BATCH_SIZE`` of the batching-on server; None keeps the
             server's default (CPU 4, GPU 32).
         floor: measure the model alone (:func:`model_floor`) at the batched server's batch size and at
-            batch 1, in a fresh process with this environment's threading, before and after the levels.
+            batch 1, in a fresh process, before and after the levels; under this environment's threading
+            and under ``omp_wait_policy``, keeping the faster of the two.
         engine: also measure the engine alone, in a fresh process with the servers' environment, at
             each server's ``max_batch_size``, in ``ratio_rounds`` windows alternating with windows of
             HTTP load at concurrency 8 (:func:`interleaved_ratio`).
@@ -539,20 +540,32 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
     if omp_wait_policy:
         extra_env["OMP_WAIT_POLICY"] = omp_wait_policy
     process_env = {**os.environ, "ELGS_WEIGHTS": weights, **extra_env}
-    floor_env = {key: value for key, value in process_env.items() if key != "OMP_WAIT_POLICY"}
-    if "OMP_WAIT_POLICY" in os.environ:  # the floor keeps this environment's own threading
-        floor_env["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
+    # The floor runs under this environment's own threading and under the servers' OMP_WAIT_POLICY,
+    # and keeps the faster: the hardware's best, whichever setting gets it (on a busy machine torch's
+    # default spinning threads collapse, measured 0.07 instead of 7 img/s; on a quiet one they may win).
+    floor_envs = {"inherited": {key: value for key, value in process_env.items() if key != "OMP_WAIT_POLICY"}}
+    if "OMP_WAIT_POLICY" in os.environ:
+        floor_envs["inherited"]["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
+    if process_env.get("OMP_WAIT_POLICY") != floor_envs["inherited"].get("OMP_WAIT_POLICY"):
+        floor_envs[f"OMP_WAIT_POLICY={process_env['OMP_WAIT_POLICY']}"] = process_env
     floors: dict[str, list[dict]] = {}
+    floor_runs: dict[str, dict[str, list[dict]]] = {}
 
     def measure_floor(when: str, batch_size: int) -> None:
         if not floor:
             return
         sizes = sorted({batch_size, 1}, reverse=True)
-        floors[when] = model_floor_in_subprocess(model, image_size=uploads_size, batch_sizes=sizes,
-                                                 duration_s=duration_s, method=method, weights=weights, device=device,
-                                                 input_size=input_size, env=floor_env)
-        print(f"  floor {when}: " + ", ".join(f"batch {row['batch_size']} {row['throughput']:.2f} img/s"
-                                              for row in floors[when]), flush=True)
+        floor_runs[when] = {
+            label: model_floor_in_subprocess(model, image_size=uploads_size, batch_sizes=sizes, duration_s=duration_s,
+                                             method=method, weights=weights, device=device, input_size=input_size,
+                                             env=env)
+            for label, env in floor_envs.items()}
+        floors[when] = [{**max(rows, key=lambda row: row["throughput"]),
+                         "threading": max(zip(rows, floor_runs[when]), key=lambda pair: pair[0]["throughput"])[1]}
+                        for rows in zip(*floor_runs[when].values())]
+        print(f"  floor {when}: " + "; ".join(
+            f"{label}: " + ", ".join(f"batch {row['batch_size']} {row['throughput']:.2f} img/s" for row in rows)
+            for label, rows in floor_runs[when].items()), flush=True)
 
     def measure(server_url: str, mode: str) -> None:
         servers[mode] = served_batch_size(server_url, model, api_key)
@@ -596,7 +609,7 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
         "model": model, "weights": weights, "method": method, "image_size": uploads_size, "duration_s": duration_s,
         "cpu_count": os.cpu_count(), "available_cores": _available_cores(), "servers": servers,
         "omp_wait_policy": process_env.get("OMP_WAIT_POLICY"), "load_average": os.getloadavg(),
-        "floor": {"before": floors.get("before"), "after": floors.get("after"),
+        "floor": {"before": floors.get("before"), "after": floors.get("after"), "runs": floor_runs,
                   "combined": {str(b): row for b, row in floor_rows.items()}} if floors else {},
         "floor_ratios": summary,
         "engine": ceilings, "levels": [asdict(level) for level in levels],
