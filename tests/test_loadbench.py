@@ -136,11 +136,13 @@ def test_engine_measured_in_a_fresh_process_with_the_given_environment():
     assert result["images"] >= 2 and result["throughput"] > 0
 
 
-def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path):
+def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path, monkeypatch):
     # The engine ceiling is tested above on the tiny CNN; here it would only add two model loads.
-    # --omp-wait-policy '': servers and floor share this environment's threading, so one floor run each time.
+    # The servers' OMP_WAIT_POLICY (PASSIVE) is this environment's too, so one floor run each time; and
+    # torch's default spinning threads crawl on a busy test machine.
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     exit_code = main(["--weights", "random", "--input-size", "64", "--concurrency", "2", "--duration", "0.2",
-                      "--method", "wlgs", "--no-engine", "--omp-wait-policy", "", "--out", str(tmp_path)])
+                      "--method", "wlgs", "--no-engine", "--out", str(tmp_path)])
     assert exit_code == 0
     document = json.loads((tmp_path / "service_load.json").read_text())
     assert document["servers"] == {"batching on": 4, "batching off": 1}
