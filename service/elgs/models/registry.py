@@ -117,14 +117,20 @@ class LoadedModel:
         return (x - self.mean.to(x.dtype).view(1, -1, 1, 1)) / self.std.to(x.dtype).view(1, -1, 1, 1)
 
     def configure_fast_path(self, *, dtype: str | torch.dtype | None = None, compile: bool = False,
-                            channels_last: bool | None = None) -> None:
+                            channels_last: bool | None = None, compile_backend: str = "inductor") -> None:
         """Choose how :meth:`forward` runs the network (call it in the thread that runs the model).
 
         Args:
             dtype: autocast dtype of the passes: ``float32`` or None (off), ``bfloat16``, ``float16``.
                 Logits come back as float32, and the defences, outside :meth:`forward`, stay float32.
-            compile: wrap the network in ``torch.compile`` (warm it up over the batch sizes it will see).
+            compile: wrap the network in ``torch.compile`` (warm it up over the batch sizes it will see:
+                the service runs batches of 1, 2 and ``max_batch_size``, after which the batch
+                dimension is dynamic).
             channels_last: NHWC memory format for network and input (None: on CUDA only).
+            compile_backend: ``torch.compile``'s backend (tests use ``eager``).
+
+        Raises:
+            ValueError: an unknown ``dtype``.
         """
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
@@ -132,7 +138,7 @@ class LoadedModel:
         self.autocast_dtype = None if dtype in (None, torch.float32) else dtype
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.module.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        self.compiled = torch.compile(self.module) if compile else None
+        self.compiled = torch.compile(self.module, backend=compile_backend) if compile else None
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
         """A CPU batch (B, 3, H, W) as float32 on the model's device: pinned and copied without blocking on CUDA."""
@@ -147,7 +153,7 @@ class LoadedModel:
         """
         if self.channels_last:
             xn = xn.contiguous(memory_format=torch.channels_last)
-        network = self.compiled or self.module
+        network = self.compiled if self.compiled is not None else self.module
         if self.autocast_dtype is None:
             return network(xn)
         with torch.autocast(device_type=xn.device.type, dtype=self.autocast_dtype):
