@@ -11,7 +11,10 @@ Placements:
     worker+loaded load in the main thread, run in a worker whose first act is torch.set_num_threads
     process       the engine in a worker process (spawn); uint8 arrays in, uint8 arrays out by pickling
 
-Prints one line per placement: median ms per request (the process placement includes its IPC).
+Prints one line per placement: median wall ms per request (the process placement includes its
+IPC), CPU ms per request (this process and its children), and the OS threads the process holds at
+the end (each thread that ran torch ops owns an OpenMP team of ``threads - 1`` more), a figure a
+busy machine does not blur.
 """
 
 from __future__ import annotations
@@ -69,14 +72,32 @@ def _process_call(array):
     return _run_to_arrays(_PROCESS_ENGINE, array)
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+_CPU_MS: list[float] = []
+
+
 def _time(call, repeats: int) -> list[float]:
     call(), call()  # warm-up: the first calls build the kernels' caches
     times = []
+    cpu_started = _cpu_seconds()
     for _ in range(repeats):
         started = time.perf_counter()
         call()
         times.append((time.perf_counter() - started) * 1000)
+    _CPU_MS.append((_cpu_seconds() - cpu_started) * 1000 / repeats)
     return times
+
+
+def _os_threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else -1
 
 
 def measure(placement: str, model_name: str, repeats: int) -> dict:
@@ -89,8 +110,12 @@ def measure(placement: str, model_name: str, repeats: int) -> dict:
         array = _photo_array(224)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_process_init,
                                  initargs=(model_name,)) as pool:
+            pool.submit(_process_call, array).result()  # loads the model in the worker first
+            worker_cpu = pool.submit(_cpu_seconds).result()
             times = _time(lambda: pool.submit(_process_call, array).result(), repeats)
-        return {"placement": placement, "median_ms": statistics.median(times)}
+            worker_cpu = pool.submit(_cpu_seconds).result() - worker_cpu  # its warm-up calls included
+        return {"placement": placement, "median_ms": statistics.median(times), "os_threads": _os_threads(),
+                "cpu_ms": _CPU_MS[-1] + worker_cpu * 1000 / (repeats + 2)}
     worker = ThreadPoolExecutor(1)
     helper = ThreadPoolExecutor(1)
     if placement in ("worker", "worker+loaded"):
@@ -119,7 +144,8 @@ def measure(placement: str, model_name: str, repeats: int) -> dict:
                 helper.submit(lambda: (tensor_to_array(result.image), tensor_to_array(result.mask))).result()
 
             times = _time(call, repeats)
-    return {"placement": placement, "median_ms": statistics.median(times)}
+    return {"placement": placement, "median_ms": statistics.median(times), "os_threads": _os_threads(),
+            "cpu_ms": _CPU_MS[-1]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{placement:<14} failed: {completed.stderr.strip()[-500:]}")
             continue
         row = json.loads(completed.stdout.strip().splitlines()[-1])
-        print(f"{placement:<14} {row['median_ms']:8.1f} ms per request", flush=True)
+        print(f"{placement:<14} {row['median_ms']:8.1f} ms per request, {row['cpu_ms']:7.1f} CPU ms per request, "
+              f"{row['os_threads']:3d} OS threads", flush=True)
     return 0
 
 
