@@ -70,10 +70,12 @@ def test_floor_ratios_by_hand():
     assert summary["batching on"] == {"batch_size": 4, "floor": 10.0, "ratio_at_8": 0.9, "ratio_at_1": 5.0 / 8.0,
                                       "latency_at_1_over_floor": 10.0 / 125.0}
     assert summary["batching off"]["ratio_at_1"] is None and summary["batching off"]["ratio_at_8"] == 0.5
+    levels[0].server_cpu_ms = 123.4
     lines = format_table(levels, None, floor, summary).splitlines()
+    assert lines[1].split()[-1] == "123.4" and lines[2].split()[-1] == "-"
     assert lines[2].split()[:5] == ["batching", "on", "8", "9.00", "0.900"]
     assert "batch 4: 10.00 img/s (11.00/9.00)" in lines[4]
-    assert "concurrency 8: 0.900 of the batch-4 floor; concurrency 1: 0.625 of the batch-1 floor" in lines[5]
+    assert "concurrency 8: 0.900 of the batch-4 floor; concurrency 1: 0.625 of the batch-1 floor" in lines[6]
 
 
 @pytest.mark.parametrize(("method", "calls_per_batch"), [("slgs", 2), ("lgs", 2)])
@@ -157,6 +159,8 @@ def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path, monkeyp
     assert set(document["floor"]["combined"]) == {"4", "1"} and list(document["floor"]["runs"]["before"]) == ["inherited"]
     assert all(level["floor_ratio"] > 0 for level in document["levels"])
     assert set(document["floor_ratios"]) == {"batching on", "batching off"}
+    assert all(level["server_cpu_ms"] > 0 and level["client_cpu_ms"] > 0 for level in document["levels"])
+    assert all(row["cpu_ms_per_image"] > 0 for row in document["floor"]["before"])
     assert (document["model"], document["weights"], document["image_size"]) == ("efficientnet_lite0", "random", 64)
     assert (tmp_path / "service_load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["--concurrency", "0,x"]) == 2

@@ -66,6 +66,8 @@ class LevelResult:
     mean_batch_size: float
     error_statuses: dict[str, int] = field(default_factory=dict)
     floor_ratio: float | None = None  # throughput / the floor at this server's batch size
+    server_cpu_ms: float | None = None  # the server process's CPU time per answered request (Linux)
+    client_cpu_ms: float | None = None  # the load generator's CPU time per answered request
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -97,11 +99,14 @@ def sample_uploads(size: int, count: int = len(PHOTOS)) -> list[bytes]:
 
 async def run_level(url: str, uploads: Sequence[bytes], *, concurrency: int, duration_s: float,
                     method: str = "slgs", mode: str = "http", api_key: str | None = None,
-                    model: str | None = None, warmup_requests: int | None = None) -> LevelResult:
+                    model: str | None = None, warmup_requests: int | None = None,
+                    server_pid: int | None = None) -> LevelResult:
     """Keep ``concurrency`` requests in flight for ``duration_s`` seconds and summarise them.
 
     Each worker first sends ``warmup_requests`` (default one) unrecorded requests, so connection
-    set-up is not measured; then all workers start the measured window together.
+    set-up is not measured; then all workers start the measured window together. With
+    ``server_pid`` (a local server), the server's CPU time per request is recorded too: a figure a
+    busy machine blurs far less than wall-clock throughput.
     """
     if concurrency < 1 or duration_s <= 0 or not uploads:
         raise ValueError(f"need concurrency >= 1, duration_s > 0 and uploads, got {concurrency}, {duration_s}, "
@@ -141,9 +146,13 @@ async def run_level(url: str, uploads: Sequence[bytes], *, concurrency: int, dur
                     key = error or str(response.status_code)
                     error_statuses[key] = error_statuses.get(key, 0) + 1
 
+        server_cpu, client_cpu = process_cpu_seconds(server_pid), time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(worker(w, started + duration_s) for w in range(concurrency)))
         elapsed = time.perf_counter() - started
+        client_cpu = time.process_time() - client_cpu
+        server_end = process_cpu_seconds(server_pid)
+        server_cpu = server_end - server_cpu if server_cpu is not None and server_end is not None else None
 
     milliseconds = [latency * 1000 for latency in latencies]
     return LevelResult(
@@ -152,7 +161,21 @@ async def run_level(url: str, uploads: Sequence[bytes], *, concurrency: int, dur
         p50_ms=percentile(milliseconds, 50), p95_ms=percentile(milliseconds, 95), p99_ms=percentile(milliseconds, 99),
         mean_batch_size=sum(batch_sizes) / len(batch_sizes) if batch_sizes else math.nan,
         error_statuses=error_statuses,
+        server_cpu_ms=server_cpu / len(latencies) * 1000 if server_cpu is not None and latencies else None,
+        client_cpu_ms=client_cpu / len(latencies) * 1000 if latencies else None,
     )
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``); None when unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def engine_throughput(model: str | LoadedModel, uploads: Sequence[bytes], *, batch_size: int, duration_s: float,
@@ -229,13 +252,14 @@ def model_floor(model: str | LoadedModel, uploads: Sequence[bytes], *, batch_siz
         x = torch.stack([images[i % len(images)] for i in range(batch_size)]).to(model.device)
         passes(x), passes(x)
         batches = 0
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         while time.perf_counter() - started < duration_s:
             passes(x)
             batches += 1
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         rows.append({"batch_size": batch_size, "images": batches * batch_size, "duration_s": elapsed,
                      "throughput": batches * batch_size / elapsed, "batch_ms": elapsed / batches * 1000,
+                     "cpu_ms_per_image": cpu / (batches * batch_size) * 1000,
                      "passes": "forward+input-gradient+forward" if needs_saliency else "forward+forward",
                      "device": str(model.device), "threads": torch.get_num_threads()})
     return rows
@@ -270,6 +294,9 @@ def combine_floors(before: Sequence[dict], after: Sequence[dict]) -> dict[int, d
         combined[first["batch_size"]] = {"batch_size": first["batch_size"], "throughput": throughput,
                                          "batch_ms": first["batch_size"] / throughput * 1000,
                                          "before": first["throughput"], "after": second["throughput"]}
+        if "cpu_ms_per_image" in first and "cpu_ms_per_image" in second:
+            combined[first["batch_size"]]["cpu_ms_per_image"] = (first["cpu_ms_per_image"] +
+                                                                 second["cpu_ms_per_image"]) / 2
     return combined
 
 
@@ -338,9 +365,11 @@ def wait_ready(url: str, process: subprocess.Popen | None = None, timeout_s: flo
 
 @contextmanager
 def serve(model: str, *, weights: str = "pretrained", max_batch_sizes: Sequence[int | None] = (None,),
-          extra_env: dict[str, str] | None = None, log_dir: str | os.PathLike | None = None):
+          extra_env: dict[str, str] | None = None, log_dir: str | os.PathLike | None = None,
+          pids: dict[str, int] | None = None):
     """Run one ``elgs serve --models MODEL`` per entry of ``max_batch_sizes`` (None: the server's default)
-    on 127.0.0.1 at free ports, in subprocesses started together; yields their URLs once all are ready.
+    on 127.0.0.1 at free ports, in subprocesses started together; yields their URLs once all are ready
+    (and fills ``pids``, URL -> process id, when given).
 
     Only one of them is measured at a time; an idle server takes no CPU.
     """
@@ -359,6 +388,8 @@ def serve(model: str, *, weights: str = "pretrained", max_batch_sizes: Sequence[
                        "--port", str(port)]
             processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
             urls.append(f"http://127.0.0.1:{port}")
+            if pids is not None:
+                pids[urls[-1]] = processes[-1].pid
         for url, process in zip(urls, processes):
             wait_ready(url, process)
         yield urls
@@ -381,15 +412,20 @@ def format_table(levels: Sequence[LevelResult], engine: dict[str, dict] | None =
     """A text table of ``levels`` (with req/s over the floor when measured), then the floor and the
     headline ratios per mode, then per mode the engine-alone ceiling and its HTTP/engine rounds."""
     lines = [f"{'mode':<14} {'conc':>4} {'req/s':>8} {'/floor':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-             f"{'batch':>6} {'errors':>6}"]
+             f"{'batch':>6} {'errors':>6} {'cpu ms':>7}"]
     for level in levels:
         ratio = f"{level.floor_ratio:>7.3f}" if level.floor_ratio is not None else f"{'-':>7}"
+        cpu = f"{level.server_cpu_ms:>7.1f}" if level.server_cpu_ms is not None else f"{'-':>7}"
         lines.append(f"{level.mode:<14} {level.concurrency:>4} {level.throughput:>8.2f} {ratio} {level.p50_ms:>8.1f} "
-                     f"{level.p95_ms:>8.1f} {level.p99_ms:>8.1f} {level.mean_batch_size:>6.2f} {level.errors:>6}")
+                     f"{level.p95_ms:>8.1f} {level.p99_ms:>8.1f} {level.mean_batch_size:>6.2f} {level.errors:>6} {cpu}")
     if floor:
         lines.append("floor (model alone, main thread of a fresh process, mean of before/after the HTTP levels): " +
                      "; ".join(f"batch {b}: {row['throughput']:.2f} img/s ({row['before']:.2f}/{row['after']:.2f}), "
-                               f"{row['batch_ms']:.1f} ms per batch" for b, row in sorted(floor.items())))
+                               f"{row['batch_ms']:.1f} ms per batch" +
+                               (f", {row['cpu_ms_per_image']:.1f} CPU ms per image" if "cpu_ms_per_image" in row else "")
+                               for b, row in sorted(floor.items())))
+        lines.append("cpu ms: the server's CPU time per request; against the floor's CPU ms per image it shows the "
+                     "service's own work even on a busy machine")
     for mode, row in (summary or {}).items():
         parts = []
         if row["ratio_at_8"] is not None:
@@ -567,11 +603,14 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
             f"{label}: " + ", ".join(f"batch {row['batch_size']} {row['throughput']:.2f} img/s" for row in rows)
             for label, rows in floor_runs[when].items()), flush=True)
 
+    server_pids: dict[str, int] = {}
+
     def measure(server_url: str, mode: str) -> None:
         servers[mode] = served_batch_size(server_url, model, api_key)
         for level in concurrency:
             result = asyncio.run(run_level(server_url, uploads, concurrency=level, duration_s=duration_s,
-                                           method=method, mode=mode, api_key=api_key))
+                                           method=method, mode=mode, api_key=api_key,
+                                           server_pid=server_pids.get(server_url)))
             levels.append(result)
             print(f"  {mode:<14} concurrency {level:>3}: {result.throughput:7.2f} req/s, "
                   f"p50 {result.p50_ms:7.1f} ms, p99 {result.p99_ms:7.1f} ms, errors {result.errors}", flush=True)
@@ -596,7 +635,7 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
         print(f"starting two elgs serve --models {model}: max_batch_size "
               f"{batched_max_batch_size or 'default'} (batching on) and 1 (batching off)", flush=True)
         with serve(model, weights=weights, max_batch_sizes=list(modes.values()), extra_env=extra_env,
-                   log_dir=out_dir) as server_urls:
+                   log_dir=out_dir, pids=server_pids) as server_urls:
             batch_size = served_batch_size(server_urls[0], model, api_key)
             measure_floor("before", batch_size)  # the servers are idle meanwhile
             for mode, server_url in zip(modes, server_urls):
