@@ -128,3 +128,24 @@ def test_cuda_compile_with_inductor(photos):
     requests = [Request(image=image, task="defend", method="slgs") for image in photos.values()]
     for size in warmup_batch_sizes(len(requests), compiled=True):
         assert len(Engine(model).run(requests[:size])) == size
+
+
+def test_service_applies_the_fast_path_settings_in_the_compute_thread(photos):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from elgs.api import create_app
+    from elgs.images import tensor_to_image
+
+    model = make_tiny_model()
+    app = create_app(Settings(models=[model.name], dtype="bfloat16"), models=[model])
+    buffer = io.BytesIO()
+    tensor_to_image(next(iter(photos.values()))).save(buffer, format="PNG")
+    with TestClient(app) as client:
+        response = client.post("/defend/slgs", files={"image": ("x.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 200, response.text
+    assert model.autocast_dtype is torch.bfloat16
+    assert Image.open(io.BytesIO(base64.b64decode(response.json()["image"]))).size == (32, 32)
