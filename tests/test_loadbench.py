@@ -11,11 +11,14 @@ import pytest
 
 from elgs.loadbench import (
     LevelResult,
+    combine_floors,
     engine_throughput,
     engine_throughput_in_subprocess,
+    floor_summary,
     format_table,
     interleaved_ratio,
     main,
+    model_floor,
     percentile,
     run_level,
     sample_uploads,
@@ -52,8 +55,39 @@ def test_table_lists_levels_then_each_modes_ceiling_and_ratio():
                               "rounds": [{"http": 9.0, "engine": 10.0}]}}
     lines = format_table(levels, engine).splitlines()
     assert len(lines) == 1 + 3 + 1
-    assert lines[2].split()[:4] == ["batching", "on", "8", "9.00"]
+    assert lines[2].split()[:5] == ["batching", "on", "8", "9.00", "-"]
     assert "batch 4: 10.00 img/s" in lines[4] and "concurrency 8: 0.900" in lines[4] and "9.00/10.00" in lines[4]
+
+
+def test_floor_ratios_by_hand():
+    levels = [_level("batching on", 1, 5.0), _level("batching on", 8, 9.0), _level("batching off", 8, 4.0)]
+    before = [{"batch_size": 4, "throughput": 11.0}, {"batch_size": 1, "throughput": 7.0}]
+    after = [{"batch_size": 4, "throughput": 9.0}, {"batch_size": 1, "throughput": 9.0}]
+    floor = combine_floors(before, after)
+    assert floor[4]["throughput"] == 10.0 and floor[1]["throughput"] == 8.0 and floor[1]["batch_ms"] == 125.0
+    summary = floor_summary(levels, {"batching on": 4, "batching off": 1}, floor)
+    assert [level.floor_ratio for level in levels] == [0.5, 0.9, 0.5]
+    assert summary["batching on"] == {"batch_size": 4, "floor": 10.0, "ratio_at_8": 0.9, "ratio_at_1": 5.0 / 8.0,
+                                      "latency_at_1_over_floor": 10.0 / 125.0}
+    assert summary["batching off"]["ratio_at_1"] is None and summary["batching off"]["ratio_at_8"] == 0.5
+    levels[0].server_cpu_ms = 123.4
+    lines = format_table(levels, None, floor, summary).splitlines()
+    assert lines[1].split()[-1] == "123.4" and lines[2].split()[-1] == "-"
+    assert lines[2].split()[:5] == ["batching", "on", "8", "9.00", "0.900"]
+    assert "batch 4: 10.00 img/s (11.00/9.00)" in lines[4]
+    assert "concurrency 8: 0.900 of the batch-4 floor; concurrency 1: 0.625 of the batch-1 floor" in lines[6]
+
+
+@pytest.mark.parametrize(("method", "calls_per_batch"), [("slgs", 2), ("lgs", 2)])
+def test_floor_is_the_model_alone(method, calls_per_batch):
+    model = make_tiny_model()
+    model.module.calls = 0
+    rows = model_floor(model, sample_uploads(32, count=2), batch_sizes=[3, 1], duration_s=0.1, method=method)
+    assert [row["batch_size"] for row in rows] == [3, 1]
+    batches = sum(row["images"] // row["batch_size"] + 2 for row in rows)  # two warm-up batches per size
+    assert model.module.calls == calls_per_batch * batches
+    assert rows[0]["passes"] == ("forward+input-gradient+forward" if method == "slgs" else "forward+forward")
+    assert all(row["throughput"] == pytest.approx(row["images"] / row["duration_s"]) for row in rows)
 
 
 def test_interleaved_ratio_alternates_engine_and_http(live_server):
@@ -104,8 +138,11 @@ def test_engine_measured_in_a_fresh_process_with_the_given_environment():
     assert result["images"] >= 2 and result["throughput"] > 0
 
 
-def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path):
+def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path, monkeypatch):
     # The engine ceiling is tested above on the tiny CNN; here it would only add two model loads.
+    # The servers' OMP_WAIT_POLICY (PASSIVE) is this environment's too, so one floor run each time; and
+    # torch's default spinning threads crawl on a busy test machine.
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     exit_code = main(["--weights", "random", "--input-size", "64", "--concurrency", "2", "--duration", "0.2",
                       "--method", "wlgs", "--no-engine", "--out", str(tmp_path)])
     assert exit_code == 0
@@ -116,6 +153,14 @@ def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path):
     assert all(level["errors"] == 0 and level["requests"] > 0 for level in document["levels"])
     assert all(level["mean_batch_size"] == 1 for level in document["levels"] if level["mode"] == "batching off")
     assert document["engine"] == {} and document["http_engine_ratio_at_8"] == {}
+    # The floor: a fresh process before and after the levels, at the batched server's size and at 1.
+    assert [row["batch_size"] for row in document["floor"]["before"]] == [4, 1]
+    assert [row["batch_size"] for row in document["floor"]["after"]] == [4, 1]
+    assert set(document["floor"]["combined"]) == {"4", "1"} and list(document["floor"]["runs"]["before"]) == ["inherited"]
+    assert all(level["floor_ratio"] > 0 for level in document["levels"])
+    assert set(document["floor_ratios"]) == {"batching on", "batching off"}
+    assert all(level["server_cpu_ms"] > 0 and level["client_cpu_ms"] > 0 for level in document["levels"])
+    assert all(row["cpu_ms_per_image"] > 0 for row in document["floor"]["before"])
     assert (document["model"], document["weights"], document["image_size"]) == ("efficientnet_lite0", "random", 64)
     assert (tmp_path / "service_load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["--concurrency", "0,x"]) == 2

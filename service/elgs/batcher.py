@@ -2,8 +2,13 @@
 
 One :class:`Batcher` per model. Callers ``await batcher.submit(request)`` from the event loop; the
 batcher queues the request, closes a batch when it holds ``max_batch_size`` requests or
-``max_wait_ms`` after its first request arrived, runs :meth:`elgs.engine.Engine.run` in its own
-worker thread (so the event loop stays free) and resolves one future per request.
+``max_wait_ms`` after its first request arrived, runs :meth:`elgs.engine.Engine.run` in the model's
+:class:`~elgs.compute.ComputeThread` (so the event loop stays free) and resolves one future per request.
+
+Placement (issue 8): every torch op of the model runs in that one thread. A request may carry its
+image as an RGB uint8 NumPy array (S, S, 3) (what decoding produces): it becomes a tensor there, with
+:func:`elgs.images.array_to_tensor`; a ``finish`` callable given to :meth:`Batcher.submit` runs there
+too, on the request's result (the API turns the result's images into uint8 arrays for PNG with it).
 
 Guarantees:
     * result ``i`` is the engine's result for request ``i`` (the engine computes every image on its own);
@@ -27,13 +32,16 @@ import contextvars
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
+import numpy as np
 import torch
 
-from elgs.engine import Engine, Request, Result
+from elgs.compute import ComputeThread
+from elgs.engine import Engine, InvalidParameterError, Request, Result
+from elgs.images import array_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +76,7 @@ class BatcherHooks:
     """Observation points of a :class:`Batcher`; the default does nothing.
 
     Subclass and override what you need (the API's Prometheus metrics do). ``model_pass`` runs in
-    the worker thread, the others in the event loop. Exceptions raised by hooks are logged and ignored.
+    the compute thread, the others in the event loop. Exceptions raised by hooks are logged and ignored.
     """
 
     def queue_wait(self, model: str, seconds: float) -> None:
@@ -117,6 +125,7 @@ class _Item:
     future: asyncio.Future
     enqueued: float  # loop.time()
     deadline: float  # loop.time()
+    finish: Callable[[Result], Any] | None = None
 
 
 @dataclass
@@ -136,12 +145,17 @@ class Batcher:
     """Queue, batch and run requests for one model.
 
     Args:
-        engine: the engine of the model; ``engine.run`` is only ever called from the worker thread.
+        engine: the engine of the model; ``engine.run`` is only ever called from the compute thread.
         max_batch_size: a batch closes when it holds this many requests.
         max_wait_ms: ... or this long after its first request was queued.
         max_queue: most requests waiting (not computing) at once; more raise :class:`QueueFullError`.
         request_timeout_s: default time from ``submit`` to the answer before :class:`DeadlineExceededError`.
         hooks: observers of queue and batch events (metrics).
+        compute: the thread that loaded the model, to run it in (the batcher shuts it down on
+            :meth:`close`); None starts a new one in :meth:`start`. A model loaded in another thread
+            works, but then two threads have run its torch ops: see :mod:`elgs.compute`.
+        torch_threads: torch intra-op threads of a compute thread the batcher starts (None:
+            ``$ELGS_TORCH_THREADS``, else the available cores).
 
     Example:
         >>> batcher = Batcher(Engine(model), max_batch_size=4, max_wait_ms=5)
@@ -159,6 +173,8 @@ class Batcher:
         max_queue: int = 256,
         request_timeout_s: float = 30.0,
         hooks: Iterable[BatcherHooks] = (),
+        compute: ComputeThread | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -177,7 +193,9 @@ class Batcher:
         self._pending: collections.deque[_Item] = collections.deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._compute_thread = compute
+        self._torch_threads = torch_threads
+        self._image_probe: torch.Tensor | None = None  # a meta tensor: validates parameters without data
         self._trace = _BatchTrace()
         self._closed = False
         self._reserved = 0  # requests admitted by reserve() and not queued yet
@@ -208,25 +226,32 @@ class Batcher:
 
     # Life cycle ---------------------------------------------------------------------------------
 
+    @property
+    def compute_thread(self) -> ComputeThread | None:
+        """The thread that runs the model's torch ops (None before :meth:`start`)."""
+        return self._compute_thread
+
     async def start(self) -> None:
         """Start the worker task and its compute thread (idempotent)."""
         if self._closed:
             raise BatcherClosedError(f"the batcher of model {self.model_name!r} is closed")
         if self.running:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"elgs-{self.model_name}")
+        if self._compute_thread is None or self._compute_thread.closed:
+            self._compute_thread = ComputeThread(self.model_name, self._torch_threads)
+        size = self.engine.model.input_size
+        self._image_probe = await self._compute_thread.run(torch.empty, (3, size, size), device="meta")
         self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"elgs-batcher-{self.model_name}")
 
     async def warm_up(self, requests: Sequence[Request]) -> list[Result]:
-        """Run ``requests`` as one batch in the worker thread, outside the queue and the metrics, twice:
+        """Run ``requests`` as one batch in the compute thread, outside the queue and the metrics, twice:
         the second run's time is the first batch time admission uses."""
-        if self._executor is None:
+        if self._compute_thread is None or self._image_probe is None:
             raise BatcherClosedError(f"the batcher of model {self.model_name!r} is not started")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.engine.run, list(requests))
+        await self._compute_thread.run(lambda: self.engine.run(_with_tensors(list(requests))))
         # Timed once warm (the first run pays one-off costs): admission's first batch time.
         started = time.perf_counter()
-        results = await loop.run_in_executor(self._executor, self.engine.run, list(requests))
+        results = await self._compute_thread.run(lambda: self.engine.run(_with_tensors(list(requests))))
         self._trace.add(time.perf_counter() - started)
         return results
 
@@ -246,9 +271,8 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(BatcherClosedError(f"model {self.model_name!r} is shutting down"))
         self._notify("queue_depth", 0)
-        if self._executor is not None:
-            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-            self._executor = None
+        if self._compute_thread is not None and not self._compute_thread.closed:
+            await asyncio.to_thread(self._compute_thread.shutdown)
 
     # Submission ---------------------------------------------------------------------------------
 
@@ -313,13 +337,17 @@ class Batcher:
         _current_reservation.set(reservation)
         return reservation
 
-    async def submit(self, request: Request, *, deadline: float | None = None) -> Result:
-        """Queue ``request`` and wait for its result.
+    async def submit(self, request: Request, *, deadline: float | None = None,
+                     finish: Callable[[Result], Any] | None = None) -> Any:
+        """Queue ``request`` and wait for its result (or ``finish(result)``).
 
         Args:
-            request: what to compute; validated by :meth:`Engine.resolve` before it is queued.
+            request: what to compute; validated by :meth:`Engine.resolve` before it is queued. Its
+                ``image`` may be an RGB uint8 NumPy array (S, S, 3), converted in the compute thread.
             deadline: absolute ``time.monotonic()`` by which the answer is due
                 (default: now + ``request_timeout_s``).
+            finish: called on the result in the compute thread; its return value is the answer
+                (an exception it raises fails this request alone).
 
         Raises:
             UnknownMethodError, InvalidParameterError: the request is invalid (nothing is queued).
@@ -328,7 +356,7 @@ class Batcher:
             BatcherClosedError: the batcher is not running.
             Exception: whatever the engine raised for this request alone.
         """
-        request = self.engine.resolve(request)
+        request = self._resolve(request)
         reservation = _current_reservation.get()
         if reservation is not None and reservation.batcher is self and not reservation.released:
             reservation.release()  # admitted already: its place passes to the queue
@@ -339,7 +367,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         timeout = self.request_timeout_s if deadline is None else deadline - time.monotonic()
-        item = _Item(request=request, future=loop.create_future(), enqueued=now, deadline=now + timeout)
+        item = _Item(request=request, future=loop.create_future(), enqueued=now, deadline=now + timeout,
+                     finish=finish)
         self._pending.append(item)
         self._arrived.set()
         self._notify("queue_depth", len(self._pending))
@@ -354,6 +383,19 @@ class Batcher:
         except asyncio.CancelledError:
             self._discard(item, "cancelled")
             raise
+
+    def _resolve(self, request: Request) -> Request:
+        """:meth:`Engine.resolve` without touching image data, so the event loop runs no torch op."""
+        if not isinstance(request.image, np.ndarray):
+            return self.engine.resolve(request)
+        size = self.engine.model.input_size
+        if request.image.dtype != np.uint8 or request.image.shape != (size, size, 3):
+            raise InvalidParameterError(
+                f"image array must be uint8 of shape ({size}, {size}, 3) for {self.model_name}, "
+                f"got {request.image.dtype} {request.image.shape}")
+        if self._image_probe is None:
+            raise BatcherClosedError(f"model {self.model_name!r} is not accepting requests (not started)")
+        return replace(self.engine.resolve(replace(request, image=self._image_probe)), image=request.image)
 
     def _discard(self, item: _Item, reason: str) -> None:
         """Take a request whose caller stopped waiting out of the queue, if it is still there."""
@@ -423,8 +465,8 @@ class Batcher:
         started = time.perf_counter()
         self._computing += 1
         try:
-            outcomes = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._compute, [item.request for item in batch])
+            outcomes = await self._compute_thread.run(self._compute,
+                                                      [(item.request, item.finish) for item in batch])
         finally:
             self._computing -= 1
         self._trace.add(time.perf_counter() - started)
@@ -459,35 +501,35 @@ class Batcher:
             self._pending = collections.deque(keep)
             self._notify("queue_depth", len(self._pending))
 
-    def _compute(self, requests: list[Request]) -> list[Result | BaseException]:
-        """Run ``requests`` in the worker thread; one outcome per request, never raises."""
+    def _compute(self, work: list[tuple[Request, Callable[[Result], Any] | None]]) -> list[Any]:
+        """Run a batch in the compute thread; one outcome (answer or exception) per request, never raises."""
         started = time.perf_counter()
         try:
-            results = self.engine.run(requests)
+            results = self.engine.run(_with_tensors([request for request, _ in work]))
         except torch.cuda.OutOfMemoryError as error:
-            if len(requests) == 1:
+            if len(work) == 1:
                 return [error]
-            logger.warning("CUDA out of memory on a batch of %d for %r; splitting it", len(requests), self.model_name)
+            logger.warning("CUDA out of memory on a batch of %d for %r; splitting it", len(work), self.model_name)
             torch.cuda.empty_cache()
-            half = len(requests) // 2
-            return self._compute(requests[:half]) + self._compute(requests[half:])
+            half = len(work) // 2
+            return self._compute(work[:half]) + self._compute(work[half:])
         except Exception as error:
-            if len(requests) == 1:
+            if len(work) == 1:
                 return [error]
-            logger.warning("batch of %d for %r failed (%s); retrying one by one", len(requests), self.model_name, error)
-            return self._one_by_one(requests)
-        self._notify("model_pass", time.perf_counter() - started, len(requests))
-        return list(results)
+            logger.warning("batch of %d for %r failed (%s); retrying one by one", len(work), self.model_name, error)
+            return self._one_by_one(work)
+        self._notify("model_pass", time.perf_counter() - started, len(work))
+        return [_finished(result, finish) for result, (_, finish) in zip(results, work, strict=True)]
 
-    def _one_by_one(self, requests: list[Request]) -> list[Result | BaseException]:
+    def _one_by_one(self, work: list[tuple[Request, Callable[[Result], Any] | None]]) -> list[Any]:
         """Retry each request alone; stop at the first failure that is not about the request's own input
         (the model or the device is broken: every retry would fail the same way) and fail the rest with it."""
-        outcomes: list[Result | BaseException] = []
-        for position, request in enumerate(requests):
-            outcome = self._compute([request])[0]
+        outcomes: list[Any] = []
+        for position, one in enumerate(work):
+            outcome = self._compute([one])[0]
             outcomes.append(outcome)
             if isinstance(outcome, BaseException) and not isinstance(outcome, INPUT_ERRORS):
-                outcomes.extend([outcome] * (len(requests) - position - 1))
+                outcomes.extend([outcome] * (len(work) - position - 1))
                 break
         return outcomes
 
@@ -497,3 +539,17 @@ class Batcher:
                 getattr(hooks, event)(self.model_name, *args)
             except Exception:
                 logger.exception("batcher hook %s.%s failed", type(hooks).__name__, event)
+
+
+def _with_tensors(requests: list[Request]) -> list[Request]:
+    """Requests whose NumPy images became (3, S, S) float tensors (runs in the compute thread)."""
+    return [replace(r, image=array_to_tensor(r.image)) if isinstance(r.image, np.ndarray) else r for r in requests]
+
+
+def _finished(result: Result, finish: Callable[[Result], Any] | None) -> Any:
+    if finish is None:
+        return result
+    try:
+        return finish(result)
+    except Exception as error:
+        return error

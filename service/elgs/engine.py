@@ -246,7 +246,8 @@ class Engine:
     def _pass1(self, x: torch.Tensor, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, N) and, when a request needs one, ``S`` (B, H, W) (zeros elsewhere): one model call."""
         configs = [parse_saliency(r.saliency) if self._needs_saliency(r) else None for r in requests]
-        result = saliency_pass(self.model.module, x, self.model.normalize, configs, k=TOP_K)
+        result = saliency_pass(self.model.forward, x, self.model.normalize, configs, k=TOP_K,
+                               network=self.model.module)
         return result.logits, result.saliency
 
     def _defend(self, x: torch.Tensor, requests: Sequence[Request], rows: list[int],
@@ -287,8 +288,7 @@ class Engine:
         if not requests:
             return []
         requests = [self.resolve(r) for r in requests]
-        device = self.model.device
-        x = torch.stack([r.image for r in requests]).to(device=device, dtype=torch.float32)
+        x = self.model.to_input(torch.stack([r.image for r in requests]))
         saliency_rows = [i for i, r in enumerate(requests) if self._needs_saliency(r)]
         defend_rows = [i for i, r in enumerate(requests) if r.task == "defend"]
 
@@ -305,7 +305,7 @@ class Engine:
             timing["defense"] = (time.perf_counter() - started) * 1000
             started = time.perf_counter()
             with torch.inference_mode():
-                defended_logits = self.model.module(self.model.normalize(images))
+                defended_logits = self.model.forward(self.model.normalize(images))
             defended_predictions = self._top_k(defended_logits)
             scores = attack_scores(logits[defend_rows], defended_logits).tolist()
             timing["pass2"] = (time.perf_counter() - started) * 1000

@@ -1,16 +1,22 @@
-"""Service load benchmark (design.md, section 8): HTTP throughput and latency against the engine's own ceiling.
+"""Service load benchmark (design.md, section 8): HTTP throughput and latency against the hardware's floor.
 
 An asyncio load generator keeps ``concurrency`` requests in flight against ``POST /defend/{method}``
 for a fixed time per level and records each request's latency. By default it starts the servers
 itself on 127.0.0.1 (``elgs serve`` in a subprocess), once with the server's own batching
-(``max_batch_size`` default) and once with ``ELGS_MAX_BATCH_SIZE=1``, and measures the engine
-alone, in this process while no server runs, on the same images.
+(``max_batch_size`` default) and once with ``ELGS_MAX_BATCH_SIZE=1``.
+
+The ceiling is the hardware's, not our code's: the **floor** is the model alone (forward +
+input-gradient backward + forward for the methods that need a saliency map, forward + forward for
+the others; no defence, no engine), at the server's batch size and at batch 1, in the main thread
+of a fresh process with torch's default threading, measured before and after the HTTP levels
+(:func:`model_floor`). The table gives every level's req/s over its server's floor, and latency at
+concurrency 1 against the batch-1 floor. The engine alone (:func:`engine_throughput`, with the
+defences) is an optional second line (``--engine``).
 
 What "the same images" means here: scikit-image photographs resized to the model's input size and
-uploaded as PNG. The engine ceiling runs :meth:`elgs.engine.Engine.run` on batches of those images
-already decoded to tensors, so the HTTP/engine ratio is the price of the service layer (upload,
-decode, queueing, PNG and base64 encoding of the two result images, JSON) and of sharing the CPUs
-with the load generator.
+uploaded as PNG; the floor and the engine run on the same photographs already decoded to tensors,
+so HTTP/floor is the price of the service layer (upload, decode, queueing, defences, PNG and
+base64 encoding of the two result images, JSON) and of sharing the CPUs with the load generator.
 
 Run ``python benchmarks/load.py`` or ``elgs bench service`` (same arguments).
 """
@@ -59,6 +65,9 @@ class LevelResult:
     p99_ms: float
     mean_batch_size: float
     error_statuses: dict[str, int] = field(default_factory=dict)
+    floor_ratio: float | None = None  # throughput / the floor at this server's batch size
+    server_cpu_ms: float | None = None  # the server process's CPU time per answered request (Linux)
+    client_cpu_ms: float | None = None  # the load generator's CPU time per answered request
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -90,11 +99,14 @@ def sample_uploads(size: int, count: int = len(PHOTOS)) -> list[bytes]:
 
 async def run_level(url: str, uploads: Sequence[bytes], *, concurrency: int, duration_s: float,
                     method: str = "slgs", mode: str = "http", api_key: str | None = None,
-                    model: str | None = None, warmup_requests: int | None = None) -> LevelResult:
+                    model: str | None = None, warmup_requests: int | None = None,
+                    server_pid: int | None = None) -> LevelResult:
     """Keep ``concurrency`` requests in flight for ``duration_s`` seconds and summarise them.
 
     Each worker first sends ``warmup_requests`` (default one) unrecorded requests, so connection
-    set-up is not measured; then all workers start the measured window together.
+    set-up is not measured; then all workers start the measured window together. With
+    ``server_pid`` (a local server), the server's CPU time per request is recorded too: a figure a
+    busy machine blurs far less than wall-clock throughput.
     """
     if concurrency < 1 or duration_s <= 0 or not uploads:
         raise ValueError(f"need concurrency >= 1, duration_s > 0 and uploads, got {concurrency}, {duration_s}, "
@@ -134,9 +146,13 @@ async def run_level(url: str, uploads: Sequence[bytes], *, concurrency: int, dur
                     key = error or str(response.status_code)
                     error_statuses[key] = error_statuses.get(key, 0) + 1
 
+        server_cpu, client_cpu = process_cpu_seconds(server_pid), time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(worker(w, started + duration_s) for w in range(concurrency)))
         elapsed = time.perf_counter() - started
+        client_cpu = time.process_time() - client_cpu
+        server_end = process_cpu_seconds(server_pid)
+        server_cpu = server_end - server_cpu if server_cpu is not None and server_end is not None else None
 
     milliseconds = [latency * 1000 for latency in latencies]
     return LevelResult(
@@ -145,7 +161,21 @@ async def run_level(url: str, uploads: Sequence[bytes], *, concurrency: int, dur
         p50_ms=percentile(milliseconds, 50), p95_ms=percentile(milliseconds, 95), p99_ms=percentile(milliseconds, 99),
         mean_batch_size=sum(batch_sizes) / len(batch_sizes) if batch_sizes else math.nan,
         error_statuses=error_statuses,
+        server_cpu_ms=server_cpu / len(latencies) * 1000 if server_cpu is not None and latencies else None,
+        client_cpu_ms=client_cpu / len(latencies) * 1000 if latencies else None,
     )
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``); None when unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def engine_throughput(model: str | LoadedModel, uploads: Sequence[bytes], *, batch_size: int, duration_s: float,
@@ -181,6 +211,117 @@ def engine_throughput(model: str | LoadedModel, uploads: Sequence[bytes], *, bat
     return {"batch_size": batch_size, "images": processed, "duration_s": elapsed, "throughput": processed / elapsed,
             "batch_ms": elapsed / batches * 1000, "device": str(model.device), "weights": model.weights,
             "threads": torch.get_num_threads()}
+
+
+def model_floor(model: str | LoadedModel, uploads: Sequence[bytes], *, batch_sizes: Sequence[int],
+                duration_s: float, method: str = "slgs", weights: str = "pretrained", device: str | None = None,
+                input_size: int | None = None) -> list[dict]:
+    """Images per second of the model alone at each of ``batch_sizes``: the service's floor.
+
+    Per batch: forward + input-gradient backward + forward when ``method`` needs a saliency map
+    (the engine's two passes), else forward + forward; no defence, no engine, nothing else. Call it
+    in the main thread of a fresh process (:func:`model_floor_in_subprocess`) for the hardware's
+    figure. Two warm-up batches per size are not timed.
+    """
+    import torch
+
+    from elgs.defenses import get_defense, saliency_from_loss, topk_loss
+    from elgs.images import image_to_tensor, open_image
+    from elgs.models import load_model
+
+    if isinstance(model, str):
+        model = load_model(model, weights=weights, device=device, input_size=input_size)
+    needs_saliency = get_defense(method).needs_saliency
+    images = [image_to_tensor(open_image(upload), model.input_size) for upload in uploads]
+
+    def passes(x: torch.Tensor) -> None:
+        if needs_saliency:
+            with torch.enable_grad():
+                x_input = x.clone().requires_grad_(True)
+                saliency_from_loss(topk_loss(model.module(model.normalize(x_input))), x_input)
+        else:
+            with torch.inference_mode():
+                model.module(model.normalize(x))
+        with torch.inference_mode():
+            model.module(model.normalize(x))
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+
+    rows = []
+    for batch_size in batch_sizes:
+        x = torch.stack([images[i % len(images)] for i in range(batch_size)]).to(model.device)
+        passes(x), passes(x)
+        batches = 0
+        started, cpu_started = time.perf_counter(), time.process_time()
+        while time.perf_counter() - started < duration_s:
+            passes(x)
+            batches += 1
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        rows.append({"batch_size": batch_size, "images": batches * batch_size, "duration_s": elapsed,
+                     "throughput": batches * batch_size / elapsed, "batch_ms": elapsed / batches * 1000,
+                     "cpu_ms_per_image": cpu / (batches * batch_size) * 1000,
+                     "passes": "forward+input-gradient+forward" if needs_saliency else "forward+forward",
+                     "device": str(model.device), "threads": torch.get_num_threads()})
+    return rows
+
+
+def model_floor_in_subprocess(model: str, *, image_size: int, batch_sizes: Sequence[int], duration_s: float,
+                              method: str = "slgs", weights: str = "pretrained", device: str | None = None,
+                              input_size: int | None = None, env: dict[str, str] | None = None) -> list[dict]:
+    """:func:`model_floor` in the main thread of a fresh Python process (``env``: its environment)."""
+    arguments = {"model": model, "image_size": image_size, "batch_sizes": list(batch_sizes),
+                 "duration_s": duration_s, "method": method, "weights": weights, "device": device,
+                 "input_size": input_size}
+    code = "import sys; from elgs.loadbench import _floor_process; _floor_process(sys.argv[1])"
+    completed = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env=env, capture_output=True,
+                               text=True, timeout=duration_s * len(batch_sizes) + 600)
+    if completed.returncode != 0:
+        raise RuntimeError(f"floor measurement failed ({completed.returncode}): {completed.stderr.strip()[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _floor_process(arguments_json: str) -> None:
+    arguments = json.loads(arguments_json)
+    uploads = sample_uploads(arguments.pop("image_size"))
+    print(json.dumps(model_floor(arguments.pop("model"), uploads, **arguments)), flush=True)
+
+
+def combine_floors(before: Sequence[dict], after: Sequence[dict]) -> dict[int, dict]:
+    """Per batch size: the mean of the floor measured before and after the HTTP levels (both kept)."""
+    combined = {}
+    for first, second in zip(before, after, strict=True):
+        throughput = (first["throughput"] + second["throughput"]) / 2
+        combined[first["batch_size"]] = {"batch_size": first["batch_size"], "throughput": throughput,
+                                         "batch_ms": first["batch_size"] / throughput * 1000,
+                                         "before": first["throughput"], "after": second["throughput"]}
+        if "cpu_ms_per_image" in first and "cpu_ms_per_image" in second:
+            combined[first["batch_size"]]["cpu_ms_per_image"] = (first["cpu_ms_per_image"] +
+                                                                 second["cpu_ms_per_image"]) / 2
+    return combined
+
+
+def floor_summary(levels: Sequence[LevelResult], servers: dict[str, int], floor: dict[int, dict]) -> dict:
+    """Fill each level's ``floor_ratio``; per mode, the headline ratios at concurrency 8 and 1.
+
+    Returns:
+        ``{mode: {"batch_size", "floor", "ratio_at_8", "ratio_at_1", "latency_at_1_over_floor"}}``; a
+        ratio is None where that concurrency was not measured. ``ratio_at_1`` compares with the
+        batch-1 floor, ``latency_at_1_over_floor`` is p50 latency at concurrency 1 over the time of
+        one batch-1 floor iteration.
+    """
+    summary = {}
+    for mode, batch_size in servers.items():
+        rows = {level.concurrency: level for level in levels if level.mode == mode}
+        for level in rows.values():
+            level.floor_ratio = level.throughput / floor[batch_size]["throughput"]
+        single = rows.get(1)
+        summary[mode] = {
+            "batch_size": batch_size, "floor": floor[batch_size]["throughput"],
+            "ratio_at_8": rows[RATIO_CONCURRENCY].floor_ratio if RATIO_CONCURRENCY in rows else None,
+            "ratio_at_1": single.throughput / floor[1]["throughput"] if single else None,
+            "latency_at_1_over_floor": single.p50_ms / floor[1]["batch_ms"] if single else None,
+        }
+    return summary
 
 
 def _auth_headers(api_key: str | None) -> dict[str, str]:
@@ -224,9 +365,11 @@ def wait_ready(url: str, process: subprocess.Popen | None = None, timeout_s: flo
 
 @contextmanager
 def serve(model: str, *, weights: str = "pretrained", max_batch_sizes: Sequence[int | None] = (None,),
-          extra_env: dict[str, str] | None = None, log_dir: str | os.PathLike | None = None):
+          extra_env: dict[str, str] | None = None, log_dir: str | os.PathLike | None = None,
+          pids: dict[str, int] | None = None):
     """Run one ``elgs serve --models MODEL`` per entry of ``max_batch_sizes`` (None: the server's default)
-    on 127.0.0.1 at free ports, in subprocesses started together; yields their URLs once all are ready.
+    on 127.0.0.1 at free ports, in subprocesses started together; yields their URLs once all are ready
+    (and fills ``pids``, URL -> process id, when given).
 
     Only one of them is measured at a time; an idle server takes no CPU.
     """
@@ -245,6 +388,8 @@ def serve(model: str, *, weights: str = "pretrained", max_batch_sizes: Sequence[
                        "--port", str(port)]
             processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
             urls.append(f"http://127.0.0.1:{port}")
+            if pids is not None:
+                pids[urls[-1]] = processes[-1].pid
         for url, process in zip(urls, processes):
             wait_ready(url, process)
         yield urls
@@ -262,12 +407,34 @@ def serve(model: str, *, weights: str = "pretrained", max_batch_sizes: Sequence[
                 log.close()
 
 
-def format_table(levels: Sequence[LevelResult], engine: dict[str, dict] | None = None) -> str:
-    """A text table of ``levels``, then per mode the engine ceiling and the HTTP/engine ratio rounds."""
-    lines = [f"{'mode':<14} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'batch':>6} {'errors':>6}"]
+def format_table(levels: Sequence[LevelResult], engine: dict[str, dict] | None = None,
+                 floor: dict[int, dict] | None = None, summary: dict[str, dict] | None = None) -> str:
+    """A text table of ``levels`` (with req/s over the floor when measured), then the floor and the
+    headline ratios per mode, then per mode the engine-alone ceiling and its HTTP/engine rounds."""
+    lines = [f"{'mode':<14} {'conc':>4} {'req/s':>8} {'/floor':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+             f"{'batch':>6} {'errors':>6} {'cpu ms':>7}"]
     for level in levels:
-        lines.append(f"{level.mode:<14} {level.concurrency:>4} {level.throughput:>8.2f} {level.p50_ms:>8.1f} "
-                     f"{level.p95_ms:>8.1f} {level.p99_ms:>8.1f} {level.mean_batch_size:>6.2f} {level.errors:>6}")
+        ratio = f"{level.floor_ratio:>7.3f}" if level.floor_ratio is not None else f"{'-':>7}"
+        cpu = f"{level.server_cpu_ms:>7.1f}" if level.server_cpu_ms is not None else f"{'-':>7}"
+        lines.append(f"{level.mode:<14} {level.concurrency:>4} {level.throughput:>8.2f} {ratio} {level.p50_ms:>8.1f} "
+                     f"{level.p95_ms:>8.1f} {level.p99_ms:>8.1f} {level.mean_batch_size:>6.2f} {level.errors:>6} {cpu}")
+    if floor:
+        lines.append("floor (model alone, main thread of a fresh process, mean of before/after the HTTP levels): " +
+                     "; ".join(f"batch {b}: {row['throughput']:.2f} img/s ({row['before']:.2f}/{row['after']:.2f}), "
+                               f"{row['batch_ms']:.1f} ms per batch" +
+                               (f", {row['cpu_ms_per_image']:.1f} CPU ms per image" if "cpu_ms_per_image" in row else "")
+                               for b, row in sorted(floor.items())))
+        lines.append("cpu ms: the server's CPU time per request; against the floor's CPU ms per image it shows the "
+                     "service's own work even on a busy machine")
+    for mode, row in (summary or {}).items():
+        parts = []
+        if row["ratio_at_8"] is not None:
+            parts.append(f"concurrency {RATIO_CONCURRENCY}: {row['ratio_at_8']:.3f} of the batch-{row['batch_size']} floor")
+        if row["ratio_at_1"] is not None:
+            parts.append(f"concurrency 1: {row['ratio_at_1']:.3f} of the batch-1 floor, p50 latency "
+                         f"{row['latency_at_1_over_floor']:.2f}x its time")
+        if parts:
+            lines.append(f"{mode}: " + "; ".join(parts))
     for mode, ceiling in (engine or {}).items():
         rounds = ", ".join(f"{r['http']:.2f}/{r['engine']:.2f}" for r in ceiling["rounds"])
         lines.append(f"{mode}: engine alone, batch {ceiling['batch_size']}: {ceiling['throughput']:.2f} img/s; "
@@ -323,8 +490,8 @@ def _engine_process(arguments_json: str) -> None:
 
 
 def plot(levels: Sequence[LevelResult], engine: dict[str, dict] | None, path: str | os.PathLike,
-         title: str) -> None:
-    """Throughput and p50/p99 latency against concurrency, one line per mode, engine ceilings dashed."""
+         title: str, floor: dict[int, dict] | None = None, servers: dict[str, int] | None = None) -> None:
+    """Throughput and p50/p99 latency against concurrency, one line per mode, floors dashed, engine dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -337,8 +504,11 @@ def plot(levels: Sequence[LevelResult], engine: dict[str, dict] | None, path: st
         colour = f"C{index}"
         concurrency = [row.concurrency for row in rows]
         throughput_axes.plot(concurrency, [row.throughput for row in rows], "o-", color=colour, label=f"HTTP, {mode}")
+        if floor and servers and servers.get(mode) in floor:
+            throughput_axes.axhline(floor[servers[mode]]["throughput"], color=colour, linestyle="--",
+                                    label=f"floor: model alone, batch {servers[mode]}")
         if engine and mode in engine:
-            throughput_axes.axhline(engine[mode]["throughput"], color=colour, linestyle="--",
+            throughput_axes.axhline(engine[mode]["throughput"], color=colour, linestyle=":",
                                     label=f"engine alone, batch {engine[mode]['batch_size']}")
         latency_axes.plot(concurrency, [row.p50_ms for row in rows], "o-", color=colour, label=f"p50, {mode}")
         latency_axes.plot(concurrency, [row.p99_ms for row in rows], "s:", color=colour, label=f"p99, {mode}")
@@ -360,9 +530,9 @@ def plot(levels: Sequence[LevelResult], engine: dict[str, dict] | None, path: st
 def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "pretrained", method: str = "slgs",
                           concurrency: Sequence[int] = CONCURRENCY_LEVELS, duration_s: float = 8.0,
                           url: str | None = None, api_key: str | None = None, batched_max_batch_size: int | None = None,
-                          engine: bool = True, out_dir: str | os.PathLike = "benchmarks/results",
+                          engine: bool = False, out_dir: str | os.PathLike = "benchmarks/results",
                           device: str | None = None, input_size: int | None = None, ratio_rounds: int = 3,
-                          omp_wait_policy: str | None = "PASSIVE") -> dict:
+                          omp_wait_policy: str | None = "PASSIVE", floor: bool = True) -> dict:
     """Benchmark the service; print the table, write ``service_load.json`` and ``service_load.png`` in ``out_dir``.
 
     Args:
@@ -375,10 +545,13 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
         api_key: sent as ``Authorization: Bearer``.
         batched_max_batch_size: ``ELGS_MAX_BATCH_SIZE`` of the batching-on server; None keeps the
             server's default (CPU 4, GPU 32).
+        floor: measure the model alone (:func:`model_floor`) at the batched server's batch size and at
+            batch 1, in a fresh process, before and after the levels; under this environment's threading
+            and under ``omp_wait_policy``, keeping the faster of the two.
         engine: also measure the engine alone, in a fresh process with the servers' environment, at
             each server's ``max_batch_size``, in ``ratio_rounds`` windows alternating with windows of
             HTTP load at concurrency 8 (:func:`interleaved_ratio`).
-        omp_wait_policy: ``OMP_WAIT_POLICY`` for the servers and the engine; None inherits this
+        omp_wait_policy: ``OMP_WAIT_POLICY`` for the servers and the engine (not the floor); None inherits this
             environment's. PASSIVE by default: with torch's default (spinning) OpenMP threads, a
             2-core machine shared with the load generator, or anything else, slows the model passes
             many times over (measured: 0.2 instead of 10 images/s), and the benchmark would measure
@@ -403,12 +576,41 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
     if omp_wait_policy:
         extra_env["OMP_WAIT_POLICY"] = omp_wait_policy
     process_env = {**os.environ, "ELGS_WEIGHTS": weights, **extra_env}
+    # The floor runs under this environment's own threading and under the servers' OMP_WAIT_POLICY,
+    # and keeps the faster: the hardware's best, whichever setting gets it (on a busy machine torch's
+    # default spinning threads collapse, measured 0.07 instead of 7 img/s; on a quiet one they may win).
+    floor_envs = {"inherited": {key: value for key, value in process_env.items() if key != "OMP_WAIT_POLICY"}}
+    if "OMP_WAIT_POLICY" in os.environ:
+        floor_envs["inherited"]["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
+    if process_env.get("OMP_WAIT_POLICY") != floor_envs["inherited"].get("OMP_WAIT_POLICY"):
+        floor_envs[f"OMP_WAIT_POLICY={process_env['OMP_WAIT_POLICY']}"] = process_env
+    floors: dict[str, list[dict]] = {}
+    floor_runs: dict[str, dict[str, list[dict]]] = {}
+
+    def measure_floor(when: str, batch_size: int) -> None:
+        if not floor:
+            return
+        sizes = sorted({batch_size, 1}, reverse=True)
+        floor_runs[when] = {
+            label: model_floor_in_subprocess(model, image_size=uploads_size, batch_sizes=sizes, duration_s=duration_s,
+                                             method=method, weights=weights, device=device, input_size=input_size,
+                                             env=env)
+            for label, env in floor_envs.items()}
+        floors[when] = [{**max(rows, key=lambda row: row["throughput"]),
+                         "threading": max(zip(rows, floor_runs[when]), key=lambda pair: pair[0]["throughput"])[1]}
+                        for rows in zip(*floor_runs[when].values())]
+        print(f"  floor {when}: " + "; ".join(
+            f"{label}: " + ", ".join(f"batch {row['batch_size']} {row['throughput']:.2f} img/s" for row in rows)
+            for label, rows in floor_runs[when].items()), flush=True)
+
+    server_pids: dict[str, int] = {}
 
     def measure(server_url: str, mode: str) -> None:
         servers[mode] = served_batch_size(server_url, model, api_key)
         for level in concurrency:
             result = asyncio.run(run_level(server_url, uploads, concurrency=level, duration_s=duration_s,
-                                           method=method, mode=mode, api_key=api_key))
+                                           method=method, mode=mode, api_key=api_key,
+                                           server_pid=server_pids.get(server_url)))
             levels.append(result)
             print(f"  {mode:<14} concurrency {level:>3}: {result.throughput:7.2f} req/s, "
                   f"p50 {result.p50_ms:7.1f} ms, p99 {result.p99_ms:7.1f} ms, errors {result.errors}", flush=True)
@@ -424,31 +626,46 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
                   f"{RATIO_CONCURRENCY}: {ceilings[mode]['ratio']:.3f}", flush=True)
 
     if url:
+        batch_size = served_batch_size(url, model, api_key)
+        measure_floor("before", batch_size)
         measure(url, "external")
+        measure_floor("after", batch_size)
     else:
         modes = {"batching on": batched_max_batch_size, "batching off": 1}
         print(f"starting two elgs serve --models {model}: max_batch_size "
               f"{batched_max_batch_size or 'default'} (batching on) and 1 (batching off)", flush=True)
         with serve(model, weights=weights, max_batch_sizes=list(modes.values()), extra_env=extra_env,
-                   log_dir=out_dir) as server_urls:
+                   log_dir=out_dir, pids=server_pids) as server_urls:
+            batch_size = served_batch_size(server_urls[0], model, api_key)
+            measure_floor("before", batch_size)  # the servers are idle meanwhile
             for mode, server_url in zip(modes, server_urls):
                 measure(server_url, mode)
+            measure_floor("after", batch_size)
 
-    import torch
-
+    floor_rows = combine_floors(floors["before"], floors["after"]) if floors else {}
+    summary = floor_summary(levels, servers, floor_rows) if floor_rows else {}
     document = {
         "model": model, "weights": weights, "method": method, "image_size": uploads_size, "duration_s": duration_s,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "servers": servers,
+        "cpu_count": os.cpu_count(), "available_cores": _available_cores(), "servers": servers,
         "omp_wait_policy": process_env.get("OMP_WAIT_POLICY"), "load_average": os.getloadavg(),
+        "floor": {"before": floors.get("before"), "after": floors.get("after"), "runs": floor_runs,
+                  "combined": {str(b): row for b, row in floor_rows.items()}} if floors else {},
+        "floor_ratios": summary,
         "engine": ceilings, "levels": [asdict(level) for level in levels],
         "http_engine_ratio_at_8": {mode: ceiling["ratio"] for mode, ceiling in ceilings.items()},
     }
     (out_dir / "service_load.json").write_text(json.dumps(document, indent=2))
     plot(levels, ceilings, out_dir / "service_load.png",
-         f"{model} ({weights}), /defend/{method}, {os.cpu_count()} CPUs")
-    print(format_table(levels, ceilings))
+         f"{model} ({weights}), /defend/{method}, {os.cpu_count()} CPUs", floor=floor_rows, servers=servers)
+    print(format_table(levels, ceilings, floor_rows, summary))
     print(f"wrote {out_dir / 'service_load.json'} and {out_dir / 'service_load.png'}")
     return document
+
+
+def _available_cores() -> int:
+    from elgs.compute import available_cores
+
+    return available_cores()
 
 
 def _input_size(model: str) -> int:
@@ -459,7 +676,8 @@ def _input_size(model: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options, shared by ``benchmarks/load.py`` and ``elgs bench service``."""
-    parser.add_argument("--model", default="efficientnet_lite0", help="model the servers load (default efficientnet_lite0)")
+    parser.add_argument("--model", "--models", dest="model", default="efficientnet_lite0",
+                        help="model the servers load (default efficientnet_lite0)")
     parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"])
     parser.add_argument("--method", default="slgs", help="defence to request (default slgs)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY_LEVELS)),
@@ -469,7 +687,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("ELGS_API_KEY"), help="default $ELGS_API_KEY")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="max_batch_size of the batching-on server (default: the server's)")
-    parser.add_argument("--no-engine", dest="engine", action="store_false", help="skip the engine-alone ceiling")
+    parser.add_argument("--engine", dest="engine", action="store_true", default=False,
+                        help="also measure the engine alone (with the defences) as a second line, interleaved "
+                             "with HTTP windows at concurrency 8")
+    parser.add_argument("--no-engine", dest="engine", action="store_false", help="skip the engine alone (default)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the model-alone floor (then no ratios)")
     parser.add_argument("--omp-wait-policy", default="PASSIVE",
                         help="OMP_WAIT_POLICY of servers and engine ('' inherits; default PASSIVE, see the docstring)")
     parser.add_argument("--ratio-rounds", type=int, default=3,
@@ -493,7 +716,7 @@ def handle(args: argparse.Namespace) -> int:
                           duration_s=args.duration, url=args.url, api_key=args.api_key,
                           batched_max_batch_size=args.max_batch_size, engine=args.engine, out_dir=args.out,
                           device=args.device, input_size=args.input_size, ratio_rounds=args.ratio_rounds,
-                          omp_wait_policy=args.omp_wait_policy or None)
+                          omp_wait_policy=args.omp_wait_policy or None, floor=args.floor)
     return 0
 
 

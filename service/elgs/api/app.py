@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -17,7 +16,7 @@ from elgs.api.middleware import AdmissionMiddleware, ApiKeyMiddleware, RequestId
 from elgs.api.routes import INFERENCE_ROUTERS, OPEN_ROUTERS, PROTECTED_ROUTERS
 from elgs.api.routes.page import STATIC_DIR
 from elgs.api.settings import Settings
-from elgs.api.state import ServiceState, load_models
+from elgs.api.state import ServiceState, load_models_placed
 from elgs.api.uploads import BodyLimitMiddleware, DecodePool
 from elgs.models import LoadedModel
 
@@ -56,14 +55,15 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if models is not None:
-            loaded = list(models)
+            loaded, compute_threads = list(models), None
         else:
-            try:
-                loaded = await asyncio.to_thread(load_models, settings)
+            try:  # each model in the thread that will run it (issue 8)
+                loaded, compute_threads = await load_models_placed(settings)
             except Exception as error:
                 logger.error("cannot start: %s", error)
                 raise
-        service = ServiceState.build(settings, loaded, service_metrics)
+        app.state.decoder = DecodePool(settings.decode_concurrency)
+        service = ServiceState.build(settings, loaded, service_metrics, compute_threads)
         await service.start(warmup=settings.warmup)
         app.state.service = service
         try:
@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     app.state.settings = settings
     app.state.metrics = service_metrics
     app.state.service = None
-    app.state.decoder = DecodePool(settings.decode_concurrency)
+    app.state.decoder = None  # the lifespan's bounded decode pool
     install_error_handlers(app)
     # Outermost last. In order of arrival: metrics (see every answer), request id (and clean 500s),
     # API key, body limits (size 413, time 408), admission (503): all before the body is read.

@@ -28,8 +28,31 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--request-timeout-s", type=float, default=None, help="per-request deadline before 504 (30)")
     parser.add_argument("--max-connections", type=int, default=None,
                         help="concurrent connections before uvicorn answers 503 ($ELGS_MAX_CONNECTIONS, 1000)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads of each model's compute thread ($ELGS_TORCH_THREADS, default: the cores "
+                             "this process may use)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    parser.set_defaults(handler=_serve)
+    # The models load and run in their compute threads; no torch op in the main thread (issue 8).
+    parser.set_defaults(handler=_serve, torch_in_main_thread=False)
+
+
+def check_loadable(settings) -> None:
+    """Fail fast, without loading, on what would stop the lifespan loading ``settings.models``.
+
+    Raises:
+        KeyError: an unknown model name.
+        WeightsUnavailableError: pretrained weights are neither local nor downloadable.
+    """
+    from elgs.models import WeightsUnavailableError, get_model_spec
+    from elgs.models.registry import _missing_weights_message, resolve_weights_file
+
+    for name in settings.models:
+        spec = get_model_spec(name)
+        if settings.weights != "pretrained" or spec.embedded_weights is not None:
+            continue
+        if resolve_weights_file(spec, settings.weights_dir) is None and (
+                not settings.allow_download or spec.weights_url is None):
+            raise WeightsUnavailableError(_missing_weights_message(spec, "no local file and downloads are off"))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -39,24 +62,24 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from elgs.api import Settings, create_app
-    from elgs.api.state import load_models
     from elgs.models import WeightsUnavailableError
 
     overrides = {field: getattr(args, field) for field in (
         "models", "host", "port", "weights", "weights_dir", "device", "input_size", "max_batch_size", "max_wait_ms",
-        "max_queue", "request_timeout_s", "max_connections") if getattr(args, field) is not None}
+        "max_queue", "request_timeout_s", "max_connections", "torch_threads") if getattr(args, field) is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise CommandError(f"invalid setting: {problems}") from None
-    # Load here rather than in the lifespan so a missing weights file is a one-line error, not a traceback.
+    # Checked here so a missing weights file is a one-line error; the lifespan loads each model in the
+    # thread that will run it (a failed download there stops the server with "cannot start: ...").
     try:
-        models = load_models(settings)
+        check_loadable(settings)
     except (WeightsUnavailableError, KeyError, ValueError) as error:
         raise CommandError(str(error.args[0]) if isinstance(error, KeyError) else str(error)) from None
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)-9s %(name)s: %(message)s")
-    app = create_app(settings, models=models)
+    app = create_app(settings)
     print(f"elgs: serving {', '.join(settings.models)} on http://{settings.host}:{settings.port} "
           f"(web page at /, API docs at /docs)", flush=True)
     # limit_concurrency bounds open connections (slow clients included): over it, uvicorn answers 503.

@@ -1,4 +1,9 @@
-"""Glue the routes share: decode, submit to the batcher while watching the client, encode the answer."""
+"""Glue the routes share: decode, submit to the batcher while watching the client, encode the answer.
+
+Placement (issue 8): decoding ends in an RGB uint8 NumPy array; the model's compute thread turns it
+into a tensor, runs the engine and turns the result's images back into uint8 arrays
+(:func:`display_arrays`); the helper threads here only run Pillow's PNG encoder and base64.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,9 @@ import asyncio
 import base64
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from fastapi import Request as HttpRequest
 from fastapi import UploadFile
@@ -18,7 +24,7 @@ from elgs.api.state import ModelRuntime
 from elgs.api.uploads import read_image
 from elgs.defenses import minmax_normalize
 from elgs.engine import Prediction, Request, Result
-from elgs.images import encode_png
+from elgs.images import encode_png, tensor_to_array
 
 
 class ClientDisconnectedError(Exception):
@@ -27,7 +33,11 @@ class ClientDisconnectedError(Exception):
 
 @dataclass
 class Answer:
-    """An engine result and the request's own timings (milliseconds)."""
+    """An engine result and the request's own timings (milliseconds).
+
+    The result's ``image``, ``mask``, ``saliency`` and ``region`` are uint8 NumPy arrays ready for PNG
+    (see :func:`display_arrays`), made in the compute thread.
+    """
 
     result: Result
     timing_ms: dict[str, float]
@@ -48,10 +58,23 @@ async def _wait_for_disconnect(http_request: HttpRequest) -> None:
             return
 
 
+def display_arrays(result: Result) -> Result:
+    """The result with its images as uint8 NumPy arrays for PNG: ``image`` (S, S, 3), ``mask`` and ``region``
+    (S, S), ``saliency`` (S, S) min-max scaled to 0..255 for display. Runs in the compute thread."""
+    def convert(tensor: torch.Tensor | None, scale: bool = False) -> np.ndarray | None:
+        if tensor is None or not isinstance(tensor, torch.Tensor):
+            return tensor
+        return tensor_to_array(_scaled(tensor) if scale else tensor)
+
+    return replace(result, image=convert(result.image), mask=convert(result.mask),
+                   saliency=convert(result.saliency, scale=True), region=convert(result.region))
+
+
 async def submit_unless_disconnected(http_request: HttpRequest, runtime: ModelRuntime, request: Request,
                                      deadline: float) -> Result:
-    """``runtime.batcher.submit(request)``, cancelled (so dropped before compute) if the client leaves."""
-    submission = asyncio.ensure_future(runtime.batcher.submit(request, deadline=deadline))
+    """``runtime.batcher.submit(request)``, cancelled (so dropped before compute) if the client leaves;
+    the result comes through :func:`display_arrays`."""
+    submission = asyncio.ensure_future(runtime.batcher.submit(request, deadline=deadline, finish=display_arrays))
     watcher = asyncio.ensure_future(_wait_for_disconnect(http_request))
     try:
         await asyncio.wait({submission, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -91,21 +114,27 @@ def _scaled(tensor: torch.Tensor) -> torch.Tensor:
     return minmax_normalize(tensor.float().unsqueeze(0)).squeeze(0)
 
 
-def _png_base64(tensor: torch.Tensor) -> str:
-    return base64.b64encode(encode_png(tensor)).decode("ascii")
+def _png_base64(image: np.ndarray | torch.Tensor) -> str:
+    return base64.b64encode(encode_png(image)).decode("ascii")
 
 
-async def encode_base64_pngs(*tensors: torch.Tensor, scale: tuple[bool, ...] = ()) -> tuple[list[str], float]:
-    """Base64 PNGs of ``tensors`` (encoded in a worker thread) and the time it took in ms."""
+async def encode_base64_pngs(*images: np.ndarray | torch.Tensor, scale: tuple[bool, ...] = ()) -> tuple[list[str], float]:
+    """Base64 PNGs of ``images`` (encoded in a worker thread) and the time it took in ms.
+
+    uint8 arrays (from :func:`display_arrays`) are encoded as they are, with no torch op; ``scale``
+    (min-max scaling for display) applies to tensors only, which are converted here (slower: a
+    second thread then runs torch ops, see :mod:`elgs.compute`).
+    """
     started = time.perf_counter()
 
     def encode() -> list[str]:
-        return [_png_base64(_scaled(t) if i < len(scale) and scale[i] else t) for i, t in enumerate(tensors)]
+        return [_png_base64(_scaled(image) if i < len(scale) and scale[i] and isinstance(image, torch.Tensor)
+                            else image) for i, image in enumerate(images)]
 
     encoded = await asyncio.to_thread(encode)
     return encoded, (time.perf_counter() - started) * 1000
 
 
-async def encode_png_bytes(tensor: torch.Tensor) -> bytes:
-    """PNG bytes of ``tensor``, encoded in a worker thread."""
-    return await asyncio.to_thread(encode_png, tensor)
+async def encode_png_bytes(image: np.ndarray | torch.Tensor) -> bytes:
+    """PNG bytes of ``image`` (a uint8 array or a tensor), encoded in a worker thread."""
+    return await asyncio.to_thread(encode_png, image)

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="when set, every endpoint but health and metrics needs 'Authorization: Bearer <key>'")
     warmup: bool = Field(default=True, description="run one batch per model before /health/ready says ready")
+    # Compute placement and the fast path (issue 8; DESIGN 8, docs/deploy.md).
+    torch_threads: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="torch intra-op threads of each model's compute thread (default: the cores this process may use)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="autocast dtype of the two model passes (the defences stay float32)")
+    compile: bool = Field(default=False, description="torch.compile each model, warmed up over the batch sizes")
 
     @field_validator("models", mode="before")
     @classmethod

@@ -1,4 +1,10 @@
-"""What the app holds while it runs: one engine and one batcher per loaded model, and readiness."""
+"""What the app holds while it runs: one engine and one batcher per loaded model, and readiness.
+
+Each model is loaded in its own :class:`~elgs.compute.ComputeThread`, which then runs all its torch
+ops (issue 8): the event loop and helper threads never run one. Models given to
+:func:`elgs.api.create_app` already loaded (tests) get a new compute thread; they then have run
+torch ops in two threads, which on a small CPU slows their passes (see :mod:`elgs.compute`).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from elgs.api.metrics import ServiceMetrics
 from elgs.api.settings import Settings
 from elgs.batcher import Batcher
+from elgs.compute import ComputeThread
 from elgs.engine import Engine, Request
 from elgs.models import LoadedModel, load_model
 
@@ -37,13 +44,41 @@ class ModelRuntime:
         return self.model.name
 
 
+def _load(settings: Settings, name: str) -> LoadedModel:
+    return load_model(name, weights=settings.weights, device=settings.device, input_size=settings.input_size,
+                      weights_dir=settings.weights_dir, allow_download=settings.allow_download)
+
+
 def load_models(settings: Settings) -> list[LoadedModel]:
-    """Load ``settings.models`` from the zoo (blocking; raises what :func:`load_model` raises)."""
-    return [
-        load_model(name, weights=settings.weights, device=settings.device, input_size=settings.input_size,
-                   weights_dir=settings.weights_dir, allow_download=settings.allow_download)
-        for name in settings.models
-    ]
+    """Load ``settings.models`` from the zoo in this thread (blocking; raises what :func:`load_model` raises)."""
+    return [_load(settings, name) for name in settings.models]
+
+
+async def load_models_placed(settings: Settings) -> tuple[list[LoadedModel], list[ComputeThread]]:
+    """Load each of ``settings.models`` in a new compute thread, the one that will run it.
+
+    Raises:
+        What :func:`load_model` raises (the threads started so far are shut down).
+    """
+    models: list[LoadedModel] = []
+    threads: list[ComputeThread] = []
+    try:
+        for name in settings.models:
+            threads.append(ComputeThread(name, settings.torch_threads))
+            models.append(await threads[-1].run(_load, settings, name))
+    except BaseException:
+        for thread in threads:
+            thread.shutdown(wait=False)
+        raise
+    return models, threads
+
+
+def warmup_batch_sizes(max_batch_size: int, compiled: bool) -> list[int]:
+    """Batch sizes run at warm-up: one batch of up to 2, or for a compiled model 1, 2 and the largest
+    (after sizes 1 and 2, torch.compile marks the batch dimension dynamic, so one more graph serves all)."""
+    if not compiled:
+        return [min(2, max_batch_size)]
+    return sorted({1, min(2, max_batch_size), max_batch_size})
 
 
 @dataclass(eq=False)
@@ -56,17 +91,24 @@ class ServiceState:
     _warmup: asyncio.Task | None = None
 
     @classmethod
-    def build(cls, settings: Settings, models: Sequence[LoadedModel], metrics: ServiceMetrics) -> ServiceState:
+    def build(cls, settings: Settings, models: Sequence[LoadedModel], metrics: ServiceMetrics,
+              compute_threads: Sequence[ComputeThread] | None = None) -> ServiceState:
+        """Runtimes for ``models``; ``compute_threads[i]`` is the thread that loaded ``models[i]``
+        (None: each batcher starts its own)."""
         if not models:
             raise ValueError("the service needs at least one model")
+        if compute_threads is not None and len(compute_threads) != len(models):
+            raise ValueError(f"got {len(compute_threads)} compute threads for {len(models)} models")
         state = cls(settings=settings, metrics=metrics)
-        for model in models:
+        for index, model in enumerate(models):
             if model.name in state.runtimes:
                 raise ValueError(f"model {model.name!r} is given twice")
             engine = Engine(model)
             batcher = Batcher(engine, max_batch_size=settings.batch_size_for(model.device),
                               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-                              request_timeout_s=settings.request_timeout_s, hooks=[metrics])
+                              request_timeout_s=settings.request_timeout_s, hooks=[metrics],
+                              compute=compute_threads[index] if compute_threads is not None else None,
+                              torch_threads=settings.torch_threads)
             state.runtimes[model.name] = ModelRuntime(model=model, engine=engine, batcher=batcher)
         return state
 
@@ -93,6 +135,9 @@ class ServiceState:
         """Start the batchers; warm up in the background (readiness turns true when done)."""
         for runtime in self.runtimes.values():
             await runtime.batcher.start()
+            if self.settings.dtype != "float32" or self.settings.compile:
+                await runtime.batcher.compute_thread.run(runtime.model.configure_fast_path,
+                                                         dtype=self.settings.dtype, compile=self.settings.compile)
         if warmup:
             self._warmup = asyncio.get_running_loop().create_task(self._warm_up_all(), name="elgs-warmup")
         else:
@@ -102,11 +147,15 @@ class ServiceState:
     async def _warm_up_all(self) -> None:
         for runtime in self.runtimes.values():
             size = runtime.model.input_size
-            image = torch.rand((3, size, size), generator=torch.Generator().manual_seed(0))
-            # One batch that exercises both passes, the input gradient and a gradient defence.
-            batch = [Request(image=image, task="defend", method="slgs"), Request(image=image, task="classify")]
+            # NumPy, not torch: the image becomes a tensor in the compute thread.
+            image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+            # Batches that exercise both passes, the input gradient and a gradient defence.
+            sizes = warmup_batch_sizes(runtime.batcher.max_batch_size, self.settings.compile)
+            tasks = [("defend", "slgs"), ("classify", "none")]
             try:
-                await runtime.batcher.warm_up(batch[: max(1, runtime.batcher.max_batch_size)])
+                for batch_size in sizes:
+                    await runtime.batcher.warm_up([Request(image=image, task=tasks[i % 2][0], method=tasks[i % 2][1])
+                                                   for i in range(batch_size)])
             except asyncio.CancelledError:
                 raise
             except Exception as error:

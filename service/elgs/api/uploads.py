@@ -8,7 +8,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 from fastapi import HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -116,17 +115,10 @@ def _decode(data: bytes, size: int, max_pixels: int) -> np.ndarray:
     return decode_for_model(data, size, max_pixels=max_pixels)
 
 
-def _array_to_tensor(array: np.ndarray) -> torch.Tensor:
-    """(S, S, 3) uint8 -> (3, S, S) float in [0, 1].
-
-    A stand-in until the compute thread converts decoded arrays itself (``images.array_to_tensor``).
-    """
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
-
-
 async def read_image(upload: UploadFile, *, size: int, max_upload_mb: float, max_pixels: int,
-                     decoder: DecodePool | None = None) -> torch.Tensor:
-    """Check and decode the uploaded image in a decode thread; (3, size, size) in [0, 1].
+                     decoder: DecodePool | None = None) -> np.ndarray:
+    """Check and decode the uploaded image in a decode thread; RGB uint8 (size, size, 3), no torch object
+    (the model's compute thread makes the tensor, issue 8).
 
     Args:
         decoder: the app's bounded decode pool (None: the event loop's default executor).
@@ -153,4 +145,4 @@ async def read_image(upload: UploadFile, *, size: int, max_upload_mb: float, max
         array = await asyncio.to_thread(_decode, data, size, max_pixels)
     else:
         array = await decoder.decode(data, size, max_pixels)
-    return _array_to_tensor(array)
+    return array

@@ -372,6 +372,7 @@ def saliency_pass(
     configs: Sequence[SaliencyConfig | None],
     *,
     k: int = 5,
+    network: nn.Module | None = None,
 ) -> PassOne:
     """One model call for a batch: the logits of every image and the saliency of those that ask for it.
 
@@ -385,6 +386,8 @@ def saliency_pass(
         normalize: pixel space -> what ``model`` sees.
         configs: one per image; None where no saliency is needed.
         k: top classes in the loss (5).
+        network: the module whose activations ``rectify`` hooks, when ``model`` is a wrapper around it
+            (e.g. :meth:`elgs.models.LoadedModel.forward`); default: ``model`` itself.
 
     Returns:
         :class:`PassOne`.
@@ -416,8 +419,9 @@ def saliency_pass(
     inputs = torch.cat(parts) if len(parts) > 1 else parts[0]
     owner = torch.tensor(list(range(batch)) + owners, device=x.device)
     rectify = torch.tensor([configs[o] is not None and configs[o].rectify for o in owner.tolist()], device=x.device)
-    context = rectified_activations(model, rectify) if bool(rectify.any()) else contextlib.nullcontext()
-    if bool(rectify.any()) and not isinstance(model, nn.Module):
+    network = model if network is None else network
+    context = rectified_activations(network, rectify) if bool(rectify.any()) else contextlib.nullcontext()
+    if bool(rectify.any()) and not isinstance(network, nn.Module):
         raise TypeError("rectify needs the model as an nn.Module (its activation modules are hooked)")
     with torch.enable_grad(), context:
         x_input = inputs.clone().requires_grad_(True)

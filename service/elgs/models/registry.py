@@ -102,6 +102,10 @@ class LoadedModel:
     labels: tuple[str, ...]
     mean: torch.Tensor = field(init=False, repr=False)
     std: torch.Tensor = field(init=False, repr=False)
+    # The fast path (issue 8), set by configure_fast_path: float32 eager by default.
+    autocast_dtype: torch.dtype | None = field(default=None, init=False, repr=False)
+    channels_last: bool = field(default=False, init=False, repr=False)
+    compiled: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.module.eval()
@@ -117,6 +121,50 @@ class LoadedModel:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Pixel space (B, 3, H, W) in [0, 1] -> what the network sees."""
         return (x - self.mean.to(x.dtype).view(1, -1, 1, 1)) / self.std.to(x.dtype).view(1, -1, 1, 1)
+
+    def configure_fast_path(self, *, dtype: str | torch.dtype | None = None, compile: bool = False,
+                            channels_last: bool | None = None, compile_backend: str = "inductor") -> None:
+        """Choose how :meth:`forward` runs the network (call it in the thread that runs the model).
+
+        Args:
+            dtype: autocast dtype of the passes: ``float32`` or None (off), ``bfloat16``, ``float16``.
+                Logits come back as float32, and the defences, outside :meth:`forward`, stay float32.
+            compile: wrap the network in ``torch.compile`` (warm it up over the batch sizes it will see:
+                the service runs batches of 1, 2 and ``max_batch_size``, after which the batch
+                dimension is dynamic).
+            channels_last: NHWC memory format for network and input (None: on CUDA only).
+            compile_backend: ``torch.compile``'s backend (tests use ``eager``).
+
+        Raises:
+            ValueError: an unknown ``dtype``.
+        """
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.autocast_dtype = None if dtype in (None, torch.float32) else dtype
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.module.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        self.compiled = torch.compile(self.module, backend=compile_backend) if compile else None
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A CPU batch (B, 3, H, W) as float32 on the model's device: pinned and copied without blocking on CUDA."""
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            return x.float().pin_memory().to(self.device, non_blocking=True)
+        return x.to(device=self.device, dtype=torch.float32)
+
+    def forward(self, xn: torch.Tensor) -> torch.Tensor:
+        """Logits (B, N) float32 of normalised images ``xn`` (B, 3, S, S), through the fast path when set.
+
+        Gradients flow to ``xn`` as through ``module`` (the engine's input gradient).
+        """
+        if self.channels_last:
+            xn = xn.contiguous(memory_format=torch.channels_last)
+        network = self.compiled if self.compiled is not None else self.module
+        if self.autocast_dtype is None:
+            return network(xn)
+        with torch.autocast(device_type=xn.device.type, dtype=self.autocast_dtype):
+            logits = network(xn)
+        return logits.float()
 
     def describe(self) -> dict:
         """JSON-ready description of the loaded model."""

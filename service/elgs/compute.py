@@ -1,0 +1,112 @@
+"""Where a model's torch ops run: one compute thread per model, and the torch thread count.
+
+Measured on a 2-core machine (issue 8, benchmarks/placement.py): a model loaded and run in one
+single thread runs at full speed, but once a second thread has run torch ops (loading the model in
+the main thread, converting images to tensors or PNGs on helper threads) both threads own an
+OpenMP team, the teams fight over the cores and every pass takes about twice as long. So the
+service gives each model one :class:`ComputeThread` that loads it, converts its inputs and outputs
+and runs both passes; the event loop and helper threads touch only bytes, Pillow and NumPy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+TORCH_THREADS_ENV = "ELGS_TORCH_THREADS"
+COMPUTE_THREAD_PREFIX = "elgs-compute"
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def torch_threads(threads: int | None = None) -> int:
+    """The intra-op thread count to use: ``threads``, else ``$ELGS_TORCH_THREADS``, else the available cores.
+
+    Raises:
+        ValueError: the value is not a positive integer.
+    """
+    if threads is None:
+        raw = os.environ.get(TORCH_THREADS_ENV, "").strip()
+        if not raw:
+            return available_cores()
+        try:
+            threads = int(raw)
+        except ValueError:
+            raise ValueError(f"{TORCH_THREADS_ENV} must be a positive integer, got {raw!r}") from None
+    if threads < 1:
+        raise ValueError(f"torch threads must be >= 1, got {threads}")
+    return threads
+
+
+def set_torch_threads(threads: int | None = None) -> int:
+    """Apply :func:`torch_threads` with ``torch.set_num_threads`` in the calling thread; returns it.
+
+    The CLI and the attack tools call it in their main thread, the service in each compute thread.
+    """
+    import torch
+
+    threads = torch_threads(threads)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+class ComputeThread:
+    """One thread that runs every torch op of one model (loading included), one call at a time.
+
+    Args:
+        name: suffix of the thread's name (``elgs-compute-<name>``), usually the model's name.
+        threads: torch intra-op threads, set in the thread before its first call (None:
+            :func:`torch_threads`).
+
+    Example:
+        >>> compute = ComputeThread("efficientnet_lite0")
+        >>> model = compute.call(load_model, "efficientnet_lite0")
+        >>> logits = await compute.run(model.module, x)
+        >>> compute.shutdown()
+    """
+
+    def __init__(self, name: str, threads: int | None = None) -> None:
+        self.name = f"{COMPUTE_THREAD_PREFIX}-{name}"
+        self.threads = torch_threads(threads)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name,
+                                            initializer=set_torch_threads, initargs=(self.threads,))
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def submit(self, fn: Callable[..., T], *args, **kwargs) -> Future[T]:
+        """Queue ``fn(*args, **kwargs)`` on the thread; a concurrent future of its result."""
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run ``fn(*args, **kwargs)`` on the thread and wait for it (blocking; not from the event loop)."""
+        return self.submit(fn, *args, **kwargs).result()
+
+    async def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run ``fn(*args, **kwargs)`` on the thread; the event loop stays free meanwhile."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Stop the thread once its current call is done; calls still queued are cancelled."""
+        self._closed = True
+        self._executor.shutdown(wait=wait, cancel_futures=True)
+
+    @staticmethod
+    def is_compute_thread(thread: threading.Thread | None = None) -> bool:
+        """Whether ``thread`` (default: the calling one) is a compute thread."""
+        return (thread or threading.current_thread()).name.startswith(COMPUTE_THREAD_PREFIX)
