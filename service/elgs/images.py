@@ -268,7 +268,9 @@ def array_to_tensor(array: np.ndarray) -> torch.Tensor:
     if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {type(array).__name__} "
                          f"{getattr(array, 'dtype', '')} {getattr(array, 'shape', '')}")
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255.0
+    if not array.flags.writeable or not array.flags.c_contiguous:  # torch.from_numpy wants a writable buffer
+        array = np.array(array, order="C")
+    return torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
 
 
 def image_to_array(image: Image.Image, size: int) -> np.ndarray:

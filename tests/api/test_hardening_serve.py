@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 from elgs.cli import main
 
-from tests.conftest import make_tiny_model
 
 
 @pytest.fixture
 def served(monkeypatch):
     """Run ``elgs serve`` with the tiny model and uvicorn.run replaced; the kwargs uvicorn got."""
-    import elgs.api.state
+    import elgs.api.commands
     import uvicorn
 
     calls = []
-    monkeypatch.setattr(elgs.api.state, "load_models", lambda settings: [make_tiny_model()])
+    # serve checks the names without loading (the app loads in its compute threads): uvicorn never runs here.
+    monkeypatch.setattr(elgs.api.commands, "check_loadable", lambda settings: None)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
     for name in ("ELGS_MAX_CONNECTIONS", "ELGS_MODELS"):
         monkeypatch.delenv(name, raising=False)
