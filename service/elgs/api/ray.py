@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import ray
 from fastapi import FastAPI
+from prometheus_client import Counter
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -226,14 +227,14 @@ class RemoteBatcher:
     """
 
     def __init__(self, handle: DeploymentHandle, model: str, *, max_batch_size: int, max_queue: int,
-                 request_timeout_s: float) -> None:
+                 request_timeout_s: float, on_retry: Callable[[str], None] | None = None) -> None:
         self.handle = handle
+        self.on_retry = on_retry
         self.model_name = model
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
         self.running = True
-        self.retries = 0
 
     def check_capacity(self) -> None:
         """Ray's router knows the queues; a full one answers :class:`QueueFullError` at submit."""
@@ -269,7 +270,8 @@ class RemoteBatcher:
                 raise
             except RETRIED_ERRORS as error:
                 attempt += 1
-                self.retries += 1
+                if self.on_retry is not None:
+                    self.on_retry(self.model_name)
                 logger.warning("model %s: replica unavailable (%s); retry %d", self.model_name,
                                type(error).__name__, attempt)
                 await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0, max(0.0, deadline - time.monotonic())))
@@ -321,10 +323,13 @@ class RayServiceState:
                       app_name: str = APP_NAME) -> RayServiceState:
         """Ask each model deployment for its model's description (waits for a first replica) and start polling."""
         state = cls(settings=settings, metrics=metrics, app_name=app_name)
+        retries = Counter("elgs_replica_retries", "requests sent again because their model replica died or left",
+                          ["model"], registry=metrics.registry)
         for name in settings.models:
             info = await handles[name].info.remote()
             batcher = RemoteBatcher(handles[name], name, max_batch_size=info["max_batch_size"],
-                                    max_queue=settings.max_queue, request_timeout_s=settings.request_timeout_s)
+                                    max_queue=settings.max_queue, request_timeout_s=settings.request_timeout_s,
+                                    on_retry=lambda model: retries.labels(model).inc())
             model = RemoteModel(name=info["name"], weights=info["weights"], input_size=info["input_size"],
                                 device=info["device"], description=info["describe"])
             state.runtimes[name] = RemoteRuntime(model=model, batcher=batcher)
