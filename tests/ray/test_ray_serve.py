@@ -11,6 +11,8 @@ import io
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,6 +50,43 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_elgs_serve_ray_serves_and_stops_cleanly_on_ctrl_c():
+    """``elgs serve --ray`` starts its own Ray instance, answers, and on SIGINT deletes everything and exits 0.
+
+    First in the module, before the shared Ray instance starts.
+    """
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SERVICE_DIR, os.environ.get("PYTHONPATH")])),
+           "ELGS_TORCH_THREADS": "1", "ELGS_API_KEY": ""}
+    command = [sys.executable, "-m", "elgs", "serve", "--ray", "--replicas", "1", "--num-cpus", "0.5",
+               "--num-gpus", "0", "--models", MODEL, "--device", "cpu", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert process.poll() is None, process.stdout.read()
+        response = httpx.post(f"http://127.0.0.1:{port}/classify", timeout=60,
+                              files={"image": ("a.png", photo_png("coffee", 96), "image/png")})
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Elgs-Replica"].startswith(f"{socket.gethostname()}:")
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output[-3000:]
+    assert "elgs: shutting down" in output
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2)
 
 
 @pytest.fixture(scope="module")

@@ -516,7 +516,8 @@ def serve_forever(settings: Settings, options: RayOptions, address: str | None =
     started_here = address is None
     ray.init(address="local" if started_here else address, include_dashboard=False,
              runtime_env={"env_vars": _forwarded_environment()}, log_to_driver=True)
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # Ctrl-C and SIGTERM both end in the clean shutdown below (SIGINT even where a shell ignored it).
+    previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
@@ -528,7 +529,8 @@ def serve_forever(settings: Settings, options: RayOptions, address: str | None =
     except KeyboardInterrupt:
         print("elgs: shutting down", flush=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         try:
             if started_here:
                 serve.shutdown()
