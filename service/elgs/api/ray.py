@@ -434,10 +434,11 @@ def create_ray_app(settings: Settings, handles: Mapping[str, DeploymentHandle], 
 class Ingress:
     """The ingress deployment (HTTP, decode, encode); ``models`` maps each model to its deployment's handle."""
 
-    def __init__(self, settings: Settings, models: dict[str, DeploymentHandle], app_name: str = APP_NAME) -> None:
+    def __init__(self, settings: Settings, models: dict[str, DeploymentHandle]) -> None:
         self.settings = settings
         self.models = models
-        self.app_name = app_name
+        # The name `serve run`, `serve deploy` or elgs serve --ray gave the application (for serve.status()).
+        self.app_name = serve.get_replica_context().app_name
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_ray_app(self.settings, self.models, self.app_name)
@@ -474,8 +475,7 @@ class RayOptions:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-def build_application(settings: Settings, options: RayOptions = RayOptions(), app_name: str = APP_NAME
-                      ) -> serve.Application:
+def build_application(settings: Settings, options: RayOptions = RayOptions()) -> serve.Application:
     """The Serve application: one deployment per model in ``settings.models`` and the ingress."""
     handles = {}
     for name in settings.models:
@@ -492,7 +492,7 @@ def build_application(settings: Settings, options: RayOptions = RayOptions(), ap
         Ingress, name=INGRESS_NAME, num_replicas=options.ingress_replicas,
         ray_actor_options={"num_cpus": options.ingress_num_cpus, "num_gpus": 0},
         max_ongoing_requests=max(64, 2 * settings.max_queue))
-    return ingress.bind(settings, handles, app_name)
+    return ingress.bind(settings, handles)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
