@@ -256,18 +256,23 @@ class RemoteBatcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceededError(f"no answer from model {self.model_name!r} within the deadline "
-                                            f"({attempt} attempts); retry later or raise ELGS_REQUEST_TIMEOUT_S")
+                                            f"({attempt} retries); retry later or raise ELGS_REQUEST_TIMEOUT_S")
             response = self.handle.submit.remote(request, remaining, finish)
+            call = asyncio.ensure_future(_result(response))
             try:
-                outcome = await asyncio.wait_for(asyncio.shield(_result(response)), remaining)
-            except BackPressureError:
-                raise QueueFullError(self.model_name, self.max_queue, 1) from None
-            except TimeoutError:
+                done, _ = await asyncio.wait({call}, timeout=remaining)
+            except asyncio.CancelledError:  # the client left: the replica's batcher drops it before compute
+                call.cancel()
+                response.cancel()
+                raise
+            if not done:
+                call.cancel()
                 response.cancel()
                 continue  # the loop raises DeadlineExceededError
-            except asyncio.CancelledError:
-                response.cancel()  # the replica's batcher drops it before compute
-                raise
+            try:
+                outcome = call.result()
+            except BackPressureError:
+                raise QueueFullError(self.model_name, self.max_queue, 1) from None
             except RETRIED_ERRORS as error:
                 attempt += 1
                 if self.on_retry is not None:
