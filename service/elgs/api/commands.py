@@ -36,7 +36,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ray.add_argument("--ingress-replicas", type=int, default=1, help="replicas of the HTTP ingress (1)")
     ray.add_argument("--num-gpus", type=float, default=None,
                      help="GPUs per model replica (default: 1 when this machine has CUDA, else 0)")
-    ray.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica (1)")
+    ray.add_argument("--num-cpus", type=float, default=None,
+                     help="Ray CPUs per model replica (default: 1, less when the replicas would not fit the "
+                          "Ray instance this command starts)")
     ray.add_argument("--ray-address", default=None,
                      help="join this Ray cluster ('auto' for the local one started by 'ray start'); "
                           "default: start a Ray instance for this command")
@@ -100,7 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_on_ray(settings, args: argparse.Namespace) -> int:
     """``elgs serve --ray``: the same app on Ray Serve (elgs.api.ray), until Ctrl-C."""
     try:
-        from elgs.api.ray import RayOptions, serve_forever
+        from elgs.api.ray import RayOptions, local_cpu_share, serve_forever
     except ImportError as error:
         raise CommandError(f"--ray needs Ray Serve: pip install 'elgs[ray]' ({error})") from None
     num_gpus = args.num_gpus
@@ -108,9 +110,12 @@ def _serve_on_ray(settings, args: argparse.Namespace) -> int:
         import torch
 
         num_gpus = 1.0 if torch.cuda.is_available() and settings.device in (None, "cuda") else 0.0
+    num_cpus = args.num_cpus
+    if num_cpus is None:
+        num_cpus = 1.0 if args.ray_address is not None else local_cpu_share(len(settings.models), max(1, args.replicas))
     try:
         options = RayOptions(replicas=args.replicas, ingress_replicas=args.ingress_replicas,
-                             model_num_cpus=args.num_cpus, model_num_gpus=num_gpus)
+                             model_num_cpus=num_cpus, model_num_gpus=num_gpus)
     except ValueError as error:
         raise CommandError(str(error)) from None
     serve_forever(settings, options, address=args.ray_address)

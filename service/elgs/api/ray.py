@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import os
 import signal
 import socket
@@ -481,7 +482,13 @@ class RayOptions:
 
 
 def build_application(settings: Settings, options: RayOptions = RayOptions()) -> serve.Application:
-    """The Serve application: one deployment per model in ``settings.models`` and the ingress."""
+    """The Serve application: one deployment per model in ``settings.models`` and the ingress.
+
+    Without ``settings.torch_threads`` (``ELGS_TORCH_THREADS``) each model replica runs
+    ``max(1, int(options.model_num_cpus))`` torch threads.
+    """
+    if settings.torch_threads is None:  # each replica's torch threads follow its CPU share, not the node's cores
+        settings = settings.model_copy(update={"torch_threads": max(1, int(options.model_num_cpus))})
     handles = {}
     for name in settings.models:
         # The batch size each replica will use (Settings.batch_size_for on its device).
@@ -511,6 +518,14 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     options = RayOptions(**{k: v for k, v in args.items() if k in option_names})
     settings = Settings(**{k: v for k, v in args.items() if k not in option_names})
     return build_application(settings, options)
+
+
+def local_cpu_share(models: int, replicas: int, ingress: RayOptions = RayOptions()) -> float:
+    """Ray CPUs per model replica so that every replica and the ingress fit this machine (at most 1)."""
+    from elgs.compute import available_cores
+
+    free = available_cores() - ingress.ingress_num_cpus * ingress.ingress_replicas
+    return max(0.01, min(1.0, math.floor(100 * free / (models * replicas)) / 100))
 
 
 def serve_forever(settings: Settings, options: RayOptions, address: str | None = None) -> None:
