@@ -89,6 +89,9 @@ def test_elgs_serve_ray_serves_and_stops_cleanly_on_ctrl_c():
         httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2)
 
 
+METRICS_PORT = _free_port()
+
+
 @pytest.fixture(scope="module")
 def ray_url():
     """A local Ray instance serving the app: 2 model replicas (0.5 CPU each) and one ingress (0.25 CPU)."""
@@ -96,6 +99,7 @@ def ray_url():
     pythonpath = os.pathsep.join(filter(None, [SERVICE_DIR, str(Path(SERVICE_DIR).parent),
                                                os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="elgs-test",
+             _metrics_export_port=METRICS_PORT,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "ELGS_TORCH_THREADS": "1"}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -227,7 +231,18 @@ def test_ready_and_metrics(ray_url):
         assert ready.json() == {"status": "ready", "models": [MODEL]}
         assert ready.headers["X-Elgs-Replicas"] == f"{MODEL}=2/2"
         metrics = client.get(f"{ray_url}/metrics").text
-    assert 'elgs_requests_total{endpoint="/defend/slgs",method="POST",status="200"}' in metrics
+        assert 'elgs_requests_total{endpoint="/defend/slgs",method="POST",status="200"}' in metrics
+        # The batchers' metrics come from the model replicas through Ray's metrics agent (reported every few s).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ray_metrics = client.get(f"http://127.0.0.1:{METRICS_PORT}/metrics").text
+            if "ray_elgs_batch_size_count{" in ray_metrics and "ray_serve_num_http_requests_total{" in ray_metrics:
+                break
+            time.sleep(1)
+    for name in ("ray_elgs_batch_size_count", "ray_elgs_model_pass_seconds_count", "ray_elgs_queue_wait_seconds_count",
+                 "ray_elgs_queue_depth", "ray_serve_num_http_requests_total", "ray_serve_deployment_queued_queries"):
+        assert f"{name}{{" in ray_metrics, name
+    assert 'deployment="model-efficientnet_lite0"' in ray_metrics
 
 
 def test_killing_a_model_replica_under_load_loses_no_request(ray_url):
@@ -267,6 +282,8 @@ def test_killing_a_model_replica_under_load_loses_no_request(ray_url):
     assert any(replicas != f"{MODEL}=2/2" for _, replicas in readiness), "readiness never saw a replica missing"
     assert readiness[-1] == (200, f"{MODEL}=2/2"), readiness[-1]
     assert all(status == 200 for status, _ in readiness), "one replica kept running: ready must stay 200"
+    # The killed replica held some of the 9 concurrent requests: the ingress sent them again.
+    assert retried and float(retried[0].split()[-1]) >= 1, retried
     pids = {int(r.headers["X-Elgs-Replica"].rsplit(":", 1)[1]) for r in after if r.status_code == 200}
     assert victim not in pids
 
