@@ -282,8 +282,8 @@ def test_killing_a_model_replica_under_load_loses_no_request(ray_url):
     assert any(replicas != f"{MODEL}=2/2" for _, replicas in readiness), "readiness never saw a replica missing"
     assert readiness[-1] == (200, f"{MODEL}=2/2"), readiness[-1]
     assert all(status == 200 for status, _ in readiness), "one replica kept running: ready must stay 200"
-    # The killed replica held some of the 9 concurrent requests: the ingress sent them again.
-    assert retried and float(retried[0].split()[-1]) >= 1, retried
+    # Whether the killed replica held requests at that instant depends on Ray's routing (5 were sent again in
+    # one run, none in another); the retry itself is checked without Ray in test_ray_ingress.py.
     pids = {int(r.headers["X-Elgs-Replica"].rsplit(":", 1)[1]) for r in after if r.status_code == 200}
     assert victim not in pids
 
