@@ -5,6 +5,7 @@
 #   docker build --build-arg FETCH_WEIGHTS=0 -t elgs .  # no weights baked: mount them or let them download
 #   docker run --gpus all -p 8000:8000 elgs
 #   docker run --gpus all -v "$PWD/data:/data" elgs elgs attack eval --data /data ...
+#   docker build --build-arg EXTRAS=ray -t elgs:ray .   # with Ray Serve (deploy/ray/docker-compose.yml)
 #
 # The base matches torch's CUDA build: torch 2.14.1 from PyPI is built against CUDA 13.0
 # (torch.version.cuda == "13.0"); the host needs an NVIDIA driver that supports CUDA 13.0 (>= 580).
@@ -15,6 +16,8 @@ ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 # 1: fetch the VGG16 and InceptionV3 ImageNet weights into TORCH_HOME at build time; 0: skip.
 ARG FETCH_WEIGHTS=1
+# Optional extras of elgs to install, e.g. "ray" for Ray Serve (deploy/ray/, docs/deploy.md).
+ARG EXTRAS=""
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -45,7 +48,9 @@ RUN groupadd --system --gid 10001 elgs \
 WORKDIR /opt/elgs
 COPY pyproject.toml README.md ./
 COPY service ./service
-RUN pip install . && elgs --help > /dev/null
+# The extras' pins are in pyproject.toml (ray[serve]==2.60.0).
+# hadolint ignore=DL3013
+RUN pip install . && if [ -n "$EXTRAS" ]; then pip install ".[$EXTRAS]"; fi && elgs --help > /dev/null
 
 USER 10001:10001
 # A named volume mounted on TORCH_HOME starts as a copy of this directory, so baked weights persist.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (or $ELGS_VENV) with torch 2.14.1 / torchvision 0.29.1 and elgs installed editable.
+# Create .venv (or $ELGS_VENV) with torch 2.14.1 / torchvision 0.29.1 and elgs installed editable, with the
+# test and ray extras.
 # Idempotent: a second run only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,6 @@ pip_install() {
     || { grep -v "^WARNING: Location" "$log" >&2; return 1; }
 }
 pip_install torch==2.14.1 torchvision==0.29.1
-pip_install -e '.[test]'
+pip_install -e '.[test,ray]'   # ray: tests/ray runs Ray Serve (~45 s more to install)
 rm -f "$log"
 "$venv/bin/python" -c "import elgs, torch, torchvision, efficientnet_lite_pytorch, fastapi, pytest"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -22,6 +23,9 @@ from elgs.models import LoadedModel
 
 logger = logging.getLogger("elgs.api")
 
+# (settings, metrics) -> a started service with ServiceState's interface; see create_app.
+ServiceFactory = Callable[[Settings, ServiceMetrics], Awaitable[Any]]
+
 DESCRIPTION = """
 Defends image classifiers against adversarial patch attacks with Local Gradients Smoothing (LGS) and
 its saliency-guided successors SLGS and WLGS.
@@ -38,13 +42,17 @@ and these docs stay open.
 """
 
 
-def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None, *,
+               service_factory: ServiceFactory | None = None) -> FastAPI:
     """Build the service.
 
     Args:
         settings: defaults to :class:`Settings` read from the ``ELGS_*`` environment.
         models: already loaded models to serve (tests pass a tiny CNN); by default the lifespan loads
             ``settings.models`` from the zoo.
+        service_factory: another backend for the same routers: ``await service_factory(settings, metrics)``
+            returns a started object with :class:`ServiceState`'s interface (Ray Serve: :mod:`elgs.api.ray`);
+            by default the models run in this process.
 
     Returns:
         The FastAPI app; its lifespan loads and warms up the models and shuts the batchers down.
@@ -54,6 +62,15 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if service_factory is not None:
+            service = await service_factory(settings, service_metrics)
+            app.state.service = service
+            try:
+                yield
+            finally:
+                app.state.service = None
+                await service.close()
+            return
         if models is not None:
             loaded, compute_threads = list(models), None
         else:

@@ -31,6 +31,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch threads of each model's compute thread ($ELGS_TORCH_THREADS, default: the cores "
                              "this process may use)")
+    ray = parser.add_argument_group("Ray Serve (pip install 'elgs[ray]'; docs/deploy.md)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve on Ray Serve: an ingress deployment and one deployment per model")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas of each model deployment (1)")
+    ray.add_argument("--ingress-replicas", type=int, default=1, help="replicas of the HTTP ingress (1)")
+    ray.add_argument("--num-gpus", type=float, default=None,
+                     help="GPUs per model replica (default: 1 when this machine has CUDA, else 0)")
+    ray.add_argument("--num-cpus", type=float, default=None,
+                     help="Ray CPUs per model replica (default: 1, less when the replicas would not fit the "
+                          "Ray instance this command starts)")
+    ray.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster ('auto' for the local one started by 'ray start'); "
+                          "default: start a Ray instance for this command")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     # The models load and run in their compute threads; no torch op in the main thread (issue 8).
     parser.set_defaults(handler=_serve, torch_in_main_thread=False)
@@ -79,10 +92,35 @@ def _serve(args: argparse.Namespace) -> int:
     except (WeightsUnavailableError, KeyError, ValueError) as error:
         raise CommandError(str(error.args[0]) if isinstance(error, KeyError) else str(error)) from None
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)-9s %(name)s: %(message)s")
+    if args.ray:
+        return _serve_on_ray(settings, args)
     app = create_app(settings)
     print(f"elgs: serving {', '.join(settings.models)} on http://{settings.host}:{settings.port} "
           f"(web page at /, API docs at /docs)", flush=True)
     # limit_concurrency bounds open connections (slow clients included): over it, uvicorn answers 503.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, workers=1,
                 limit_concurrency=settings.max_connections)
+    return 0
+
+
+def _serve_on_ray(settings, args: argparse.Namespace) -> int:
+    """``elgs serve --ray``: the same app on Ray Serve (elgs.api.ray), until Ctrl-C."""
+    try:
+        from elgs.api.ray import RayOptions, local_cpu_share, serve_forever
+    except ImportError as error:
+        raise CommandError(f"--ray needs Ray Serve: pip install 'elgs[ray]' ({error})") from None
+    num_gpus = args.num_gpus
+    if num_gpus is None:
+        import torch
+
+        num_gpus = 1.0 if torch.cuda.is_available() and settings.device in (None, "cuda") else 0.0
+    num_cpus = args.num_cpus
+    if num_cpus is None:
+        num_cpus = 1.0 if args.ray_address is not None else local_cpu_share(len(settings.models), max(1, args.replicas))
+    try:
+        options = RayOptions(replicas=args.replicas, ingress_replicas=args.ingress_replicas,
+                             model_num_cpus=num_cpus, model_num_gpus=num_gpus)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    serve_forever(settings, options, address=args.ray_address)
     return 0

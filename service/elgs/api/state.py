@@ -165,6 +165,11 @@ class ServiceState:
             runtime.ready = True
             logger.info("model %s ready on %s (%s weights)", runtime.name, runtime.model.device, runtime.model.weights)
 
+    async def warmed_up(self) -> None:
+        """Wait for the warm-up :meth:`start` began, if any (a Ray model replica reports ready after it)."""
+        if self._warmup is not None:
+            await asyncio.wait({self._warmup})
+
     async def close(self) -> None:
         """Cancel the warm-up, stop the batchers (queued requests get 503)."""
         if self._warmup is not None and not self._warmup.done():

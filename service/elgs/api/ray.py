@@ -1,0 +1,570 @@
+"""The service on Ray Serve (issue 10, DESIGN 10): the same app, its models in replicas across machines.
+
+Needs the extra ``pip install "elgs[ray]"``; nothing else in elgs imports this module, so ``elgs serve``
+without ``--ray`` runs without Ray installed.
+
+Two kinds of deployment:
+
+* ``ingress`` (CPU only, several replicas): the app of :func:`elgs.api.create_app`, so the same routers,
+  schemas, errors, API key and web page; it decodes uploads and encodes answers. Its service object
+  (:class:`RayServiceState`) has the interface of :class:`~elgs.api.state.ServiceState`, but each model's
+  ``batcher`` is a :class:`RemoteBatcher` that sends the request, its image a uint8 NumPy array, through
+  a ``DeploymentHandle``.
+* ``model-<name>``, one per model (``num_cpus`` / ``num_gpus`` per replica): :class:`ModelReplica` holds
+  the model resident with the two-pass engine and the project's own :class:`~elgs.batcher.Batcher` (it
+  keeps the deadlines, drop-before-compute, OOM splitting and per-request failures that Ray's
+  ``@serve.batch`` lacks). It answers only after warm-up, so a running replica is a ready one.
+
+The ingress retries a request whose model replica died on another replica until its deadline (504);
+Ray's ``max_queued_requests`` turns into the same 503 with ``Retry-After`` as a full batcher queue. Every
+computed answer carries ``X-Elgs-Replica: <host>:<pid>`` of the model replica, and ``/health/ready``
+carries ``X-Elgs-Replicas: <model>=<running>/<target>,...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import ray
+from fastapi import FastAPI
+from prometheus_client import Counter
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from elgs.api.app import create_app
+from elgs.api.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, ServiceMetrics
+from elgs.api.settings import CPU_MAX_BATCH_SIZE, CUDA_MAX_BATCH_SIZE, Settings
+from elgs.api.state import ModelNotLoadedError, ServiceState
+from elgs.batcher import BatcherClosedError, BatcherHooks, DeadlineExceededError, QueueFullError
+from elgs.engine import InvalidParameterError, Request, Result, UnknownMethodError
+
+logger = logging.getLogger("elgs.api")
+
+APP_NAME = "elgs"
+INGRESS_NAME = "ingress"
+REPLICA_HEADER = "X-Elgs-Replica"
+REPLICAS_HEADER = "X-Elgs-Replicas"
+STATUS_POLL_S = 1.0
+# Errors raised where the model replica went away (killed, crashed, drained): the request is sent again.
+RETRIED_ERRORS = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+def model_deployment_name(model: str) -> str:
+    return f"model-{model}"
+
+
+def replica_id() -> str:
+    """``<host>:<pid>`` of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# Model replicas ------------------------------------------------------------------------------------
+
+class RayBatcherMetrics(BatcherHooks):
+    """The batcher's metrics under their ``/metrics`` names, exported through Ray's metrics agent
+    (Prometheus names get Ray's ``ray_`` prefix and the ``deployment``, ``replica`` and ``application`` tags)."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.queue_wait_seconds = metrics.Histogram(
+            "elgs_queue_wait_seconds", "time a request waited in its model's queue", boundaries=list(LATENCY_BUCKETS),
+            tag_keys=("model",))
+        self.batch_size = metrics.Histogram(
+            "elgs_batch_size", "requests per batch", boundaries=list(BATCH_BUCKETS), tag_keys=("model",))
+        self.queue_depth_gauge = metrics.Gauge(
+            "elgs_queue_depth", "requests waiting in the model replica's queue", tag_keys=("model",))
+        self.model_pass_seconds = metrics.Histogram(
+            "elgs_model_pass_seconds", "engine time of one batch (both passes and the defence)",
+            boundaries=list(LATENCY_BUCKETS), tag_keys=("model",))
+        self.dropped_requests = metrics.Counter(
+            "elgs_dropped_requests", "queued requests dropped before compute (client gone or deadline passed)",
+            tag_keys=("model", "reason"))
+
+    def queue_wait(self, model: str, seconds: float) -> None:
+        self.queue_wait_seconds.observe(seconds, tags={"model": model})
+
+    def batch(self, model: str, size: int) -> None:
+        self.batch_size.observe(size, tags={"model": model})
+
+    def queue_depth(self, model: str, depth: int) -> None:
+        self.queue_depth_gauge.set(depth, tags={"model": model})
+
+    def model_pass(self, model: str, seconds: float, size: int) -> None:
+        self.model_pass_seconds.observe(seconds, tags={"model": model})
+
+    def dropped(self, model: str, reason: str) -> None:
+        self.dropped_requests.inc(tags={"model": model, "reason": reason})
+
+
+# Errors a model replica returns as values: a user exception raised in a replica reaches the caller
+# wrapped in a RayTaskError, and the batcher's errors do not survive pickling (custom __init__).
+_ERROR_KINDS: dict[type[Exception], str] = {
+    QueueFullError: "queue_full", DeadlineExceededError: "deadline", BatcherClosedError: "closed",
+    UnknownMethodError: "unknown_method", InvalidParameterError: "invalid_parameter",
+}
+
+
+def error_outcome(error: Exception) -> dict[str, Any]:
+    """What :meth:`ModelReplica.submit` returns for ``error``; :func:`raise_outcome_error` raises it again."""
+    kind = next((kind for cls, kind in _ERROR_KINDS.items() if isinstance(error, cls)), "internal")
+    message = str(error) if kind != "internal" else f"{type(error).__name__}: {error}"
+    outcome = {"error": kind, "message": message}
+    if isinstance(error, QueueFullError):
+        outcome.update(model=error.model, retry_after_s=error.retry_after_s)
+    return outcome
+
+
+def raise_outcome_error(outcome: Mapping[str, Any]) -> None:
+    """Raise the ingress-side exception for an error outcome (the app's handlers map it to its status)."""
+    kind, message = outcome["error"], outcome["message"]
+    if kind == "queue_full":
+        error = QueueFullError(outcome["model"], 0, outcome["retry_after_s"])
+        error.args = (message,)  # the replica's own wording
+        raise error
+    errors: dict[str, Callable[[str], Exception]] = {
+        "deadline": DeadlineExceededError, "closed": BatcherClosedError, "unknown_method": UnknownMethodError,
+        "invalid_parameter": InvalidParameterError}
+    if kind in errors:
+        raise errors[kind](message)
+    raise RuntimeError(f"the model replica failed: {message}")
+
+
+class ModelReplica:
+    """One replica of a model deployment: the model resident in its compute thread, engine and batcher.
+
+    Args:
+        settings: the service settings (``models`` is replaced by ``[model]``).
+        model: the zoo model this deployment serves.
+    """
+
+    async def __init__(self, settings: Settings, model: str) -> None:
+        from elgs.api.state import load_models_placed
+
+        self.settings = settings.model_copy(update={"models": [model]})
+        self.replica = replica_id()
+        loaded, threads = await load_models_placed(self.settings)
+        self.service = ServiceState.build(self.settings, loaded, RayBatcherMetrics(), threads)  # type: ignore[arg-type]
+        await self.service.start(warmup=self.settings.warmup)
+        await self.service.warmed_up()  # a replica is reported running only once it can answer
+        self.runtime = self.service.runtimes[model]
+        if self.runtime.warmup_error:
+            raise RuntimeError(f"warm-up of {model} failed: {self.runtime.warmup_error}")
+        logger.info("model %s ready in replica %s", model, self.replica)
+
+    def info(self) -> dict[str, Any]:
+        """What the ingress shows in ``GET /models`` and needs to decode uploads."""
+        model = self.runtime.model
+        return {"describe": model.describe(), "name": model.name, "weights": model.weights,
+                "input_size": model.input_size, "device": str(model.device),
+                "max_batch_size": self.runtime.batcher.max_batch_size, "replica": self.replica}
+
+    async def submit(self, request: Request, timeout_s: float, finish: Callable[[Result], Any] | None = None
+                     ) -> dict[str, Any]:
+        """``{"answer": ..., "replica": "<host>:<pid>"}``, or an error outcome (see :func:`error_outcome`)."""
+        if isinstance(request.image, np.ndarray) and not request.image.flags.writeable:
+            # Ray hands NumPy arguments over read-only (zero copy); torch.from_numpy wants a writable array.
+            request = replace(request, image=request.image.copy())
+        try:
+            answer = await self.runtime.batcher.submit(request, deadline=time.monotonic() + timeout_s, finish=finish)
+        except Exception as error:
+            return error_outcome(error)
+        return {"answer": answer, "replica": self.replica}
+
+    def check_health(self) -> None:
+        """Ray restarts a replica whose batcher stopped."""
+        if not self.service.ready:
+            raise RuntimeError(f"model {self.runtime.name} is not ready in replica {self.replica}")
+
+    async def __del__(self) -> None:
+        await self.service.close()
+
+
+# Ingress -------------------------------------------------------------------------------------------
+
+# One mutable holder per HTTP request, set by ReplicaHeaderMiddleware; RemoteBatcher.submit runs in a
+# task with a copy of the context, so it writes into the holder instead of setting the variable.
+_answering_replica: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "elgs_answering_replica", default=None)
+
+
+@dataclass
+class RemoteModel:
+    """What the routers read of a :class:`~elgs.models.LoadedModel`, as a model replica reported it."""
+
+    name: str
+    weights: str
+    input_size: int
+    device: str
+    description: dict[str, Any]
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.description)
+
+
+class RemoteBatcher:
+    """The :class:`~elgs.batcher.Batcher` interface the routers use, sending requests to a model deployment.
+
+    Args:
+        handle: the model deployment's handle.
+        model: the model's name.
+        max_batch_size: the replicas' batch size (for ``GET /models``).
+        max_queue: the deployment's ``max_queued_requests`` (the 503 message).
+        request_timeout_s: the default deadline.
+    """
+
+    def __init__(self, handle: DeploymentHandle, model: str, *, max_batch_size: int, max_queue: int,
+                 request_timeout_s: float, on_retry: Callable[[str], None] | None = None) -> None:
+        self.handle = handle
+        self.on_retry = on_retry
+        self.model_name = model
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self.running = True
+
+    def check_capacity(self) -> None:
+        """Ray's router knows the queues; a full one answers :class:`QueueFullError` at submit."""
+        if not self.running:
+            raise BatcherClosedError(f"model {self.model_name!r} is not accepting requests (shutting down)")
+
+    async def submit(self, request: Request, *, deadline: float | None = None,
+                     finish: Callable[[Result], Any] | None = None) -> Any:
+        """Send ``request`` to a replica; on a replica that died or shut down, to another, until ``deadline``.
+
+        Raises:
+            QueueFullError: the deployment queues ``max_queued_requests`` already.
+            DeadlineExceededError: no answer before the deadline.
+            What the replica's batcher raised (see :func:`raise_outcome_error`).
+        """
+        deadline = time.monotonic() + self.request_timeout_s if deadline is None else deadline
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceededError(f"no answer from model {self.model_name!r} within the deadline "
+                                            f"({attempt} retries); retry later or raise ELGS_REQUEST_TIMEOUT_S")
+            response = self.handle.submit.remote(request, remaining, finish)
+            call = asyncio.ensure_future(_result(response))
+            try:
+                done, _ = await asyncio.wait({call}, timeout=remaining)
+            except asyncio.CancelledError:  # the client left: the replica's batcher drops it before compute
+                call.cancel()
+                response.cancel()
+                raise
+            if not done:
+                call.cancel()
+                response.cancel()
+                continue  # the loop raises DeadlineExceededError
+            try:
+                outcome = call.result()
+            except BackPressureError:
+                raise QueueFullError(self.model_name, self.max_queue, 1) from None
+            except RETRIED_ERRORS as error:
+                attempt += 1
+                if self.on_retry is not None:
+                    self.on_retry(self.model_name)
+                logger.warning("model %s: replica unavailable (%s); retry %d", self.model_name,
+                               type(error).__name__, attempt)
+                await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0, max(0.0, deadline - time.monotonic())))
+                continue
+            if outcome.get("error") == "closed":  # a replica draining for shutdown: another one answers
+                attempt += 1
+                await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
+                continue
+            if "error" in outcome:
+                raise_outcome_error(outcome)
+            holder = _answering_replica.get()
+            if holder is not None:
+                holder["replica"] = outcome["replica"]
+            return outcome["answer"]
+
+
+async def _result(response: Any) -> Any:
+    return await response
+
+
+@dataclass(eq=False)
+class RemoteRuntime:
+    """:class:`~elgs.api.state.ModelRuntime`'s interface for a model deployment."""
+
+    model: RemoteModel
+    batcher: RemoteBatcher
+    ready: bool = True
+    warmup_error: str | None = None
+    running_replicas: int = 1
+    target_replicas: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+@dataclass(eq=False)
+class RayServiceState:
+    """:class:`~elgs.api.state.ServiceState`'s interface in an ingress replica; readiness from ``serve.status()``."""
+
+    settings: Settings
+    metrics: ServiceMetrics
+    runtimes: dict[str, RemoteRuntime] = field(default_factory=dict)
+    app_name: str = APP_NAME
+    _poll: asyncio.Task | None = None
+
+    @classmethod
+    async def connect(cls, settings: Settings, metrics: ServiceMetrics, handles: Mapping[str, DeploymentHandle],
+                      app_name: str = APP_NAME) -> RayServiceState:
+        """Ask each model deployment for its model's description (waits for a first replica) and start polling."""
+        state = cls(settings=settings, metrics=metrics, app_name=app_name)
+        retries = Counter("elgs_replica_retries", "requests sent again because their model replica died or left",
+                          ["model"], registry=metrics.registry)
+        for name in settings.models:
+            info = await handles[name].info.remote()
+            batcher = RemoteBatcher(handles[name], name, max_batch_size=info["max_batch_size"],
+                                    max_queue=settings.max_queue, request_timeout_s=settings.request_timeout_s,
+                                    on_retry=lambda model: retries.labels(model).inc())
+            model = RemoteModel(name=info["name"], weights=info["weights"], input_size=info["input_size"],
+                                device=info["device"], description=info["describe"])
+            state.runtimes[name] = RemoteRuntime(model=model, batcher=batcher)
+        state._poll = asyncio.get_running_loop().create_task(state._poll_status(), name="elgs-ray-status")
+        return state
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.runtimes))
+
+    @property
+    def ready(self) -> bool:
+        return all(runtime.ready for runtime in self.runtimes.values())
+
+    def runtime(self, name: str | None) -> RemoteRuntime:
+        if name is None:
+            return self.runtimes[self.default_model]
+        try:
+            return self.runtimes[name]
+        except KeyError:
+            raise ModelNotLoadedError(
+                f"model {name!r} is not loaded on this server; loaded: {', '.join(self.runtimes)}") from None
+
+    def replicas_header(self) -> str:
+        return ",".join(f"{n}={r.running_replicas}/{r.target_replicas}" for n, r in self.runtimes.items())
+
+    def update(self, deployments: Mapping[str, Any]) -> None:
+        """Readiness from ``serve.status()``'s deployments: a model is ready while one replica runs."""
+        for name, runtime in self.runtimes.items():
+            overview = deployments.get(model_deployment_name(name))
+            if overview is None:
+                continue
+            states = {str(getattr(state, "value", state)): count for state, count in overview.replica_states.items()}
+            runtime.running_replicas = states.get("RUNNING", 0)
+            runtime.target_replicas = sum(states.values())
+            runtime.ready = runtime.running_replicas >= 1
+
+    async def _poll_status(self) -> None:
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                application = status.applications.get(self.app_name)
+                if application is not None:
+                    self.update(application.deployments)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("serve.status() failed")
+            await asyncio.sleep(STATUS_POLL_S)
+
+    async def close(self) -> None:
+        for runtime in self.runtimes.values():
+            runtime.batcher.running = False
+        if self._poll is not None:
+            self._poll.cancel()
+            await asyncio.wait({self._poll})
+
+
+class ReplicaHeaderMiddleware:
+    """Adds ``X-Elgs-Replica`` (the model replica that computed the answer) and, on ``/health/ready``,
+    ``X-Elgs-Replicas`` (running/target replicas per model)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        holder: dict[str, str] = {}
+        token = _answering_replica.set(holder)
+
+        async def send_with_replica(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if "replica" in holder:
+                    headers.append((REPLICA_HEADER.lower().encode(), holder["replica"].encode()))
+                service = getattr(scope.get("app"), "state", None) and scope["app"].state.service
+                if scope.get("path") == "/health/ready" and isinstance(service, RayServiceState):
+                    headers.append((REPLICAS_HEADER.lower().encode(), service.replicas_header().encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_replica)
+        finally:
+            _answering_replica.reset(token)
+
+
+def create_ray_app(settings: Settings, handles: Mapping[str, DeploymentHandle], app_name: str = APP_NAME) -> FastAPI:
+    """The ingress app: :func:`elgs.api.create_app` with the model deployments behind its routers."""
+
+    async def connect(settings: Settings, metrics: ServiceMetrics) -> RayServiceState:
+        return await RayServiceState.connect(settings, metrics, handles, app_name)
+
+    app = create_app(settings, service_factory=connect)
+    app.add_middleware(ReplicaHeaderMiddleware)
+    return app
+
+
+@serve.ingress()
+class Ingress:
+    """The ingress deployment (HTTP, decode, encode); ``models`` maps each model to its deployment's handle."""
+
+    def __init__(self, settings: Settings, models: dict[str, DeploymentHandle]) -> None:
+        self.settings = settings
+        self.models = models
+        # The name `serve run`, `serve deploy` or elgs serve --ray gave the application (for serve.status()).
+        self.app_name = serve.get_replica_context().app_name
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_ray_app(self.settings, self.models, self.app_name)
+
+
+# Building and running ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How the deployments are laid out.
+
+    Attributes:
+        replicas: replicas of each model deployment.
+        ingress_replicas: replicas of the ingress.
+        model_num_cpus, model_num_gpus: Ray resources of each model replica (one GPU each on GPU hosts).
+        ingress_num_cpus: Ray resources of each ingress replica (no GPU).
+        max_ongoing_requests: requests a model replica takes at once (default: 2 batches, so one batch
+            fills while the other computes).
+    """
+
+    replicas: int = 1
+    ingress_replicas: int = 1
+    model_num_cpus: float = 1.0
+    model_num_gpus: float = 0.0
+    ingress_num_cpus: float = 0.5
+    max_ongoing_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "ingress_replicas"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("model_num_cpus", "model_num_gpus", "ingress_num_cpus"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def build_application(settings: Settings, options: RayOptions = RayOptions()) -> serve.Application:
+    """The Serve application: one deployment per model in ``settings.models`` and the ingress.
+
+    Without ``settings.torch_threads`` (``ELGS_TORCH_THREADS``) each model replica runs
+    ``max(1, int(options.model_num_cpus))`` torch threads.
+    """
+    if settings.torch_threads is None:  # each replica's torch threads follow its CPU share, not the node's cores
+        settings = settings.model_copy(update={"torch_threads": max(1, int(options.model_num_cpus))})
+    handles = {}
+    for name in settings.models:
+        # The batch size each replica will use (Settings.batch_size_for on its device).
+        batch = settings.max_batch_size or (CPU_MAX_BATCH_SIZE if options.model_num_gpus == 0 else CUDA_MAX_BATCH_SIZE)
+        deployment = serve.deployment(
+            ModelReplica, name=model_deployment_name(name), num_replicas=options.replicas,
+            ray_actor_options={"num_cpus": options.model_num_cpus, "num_gpus": options.model_num_gpus},
+            max_ongoing_requests=options.max_ongoing_requests or 2 * batch,
+            max_queued_requests=settings.max_queue, health_check_period_s=2, health_check_timeout_s=30,
+            graceful_shutdown_timeout_s=settings.request_timeout_s)
+        handles[name] = deployment.bind(settings, name)
+    ingress = serve.deployment(
+        Ingress, name=INGRESS_NAME, num_replicas=options.ingress_replicas,
+        ray_actor_options={"num_cpus": options.ingress_num_cpus, "num_gpus": 0},
+        max_ongoing_requests=max(64, 2 * settings.max_queue))
+    return ingress.bind(settings, handles)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """``import_path: elgs.api.ray:app_builder`` for ``serve run`` / ``serve deploy`` (deploy/ray/serve.yaml).
+
+    ``args`` holds :class:`RayOptions` fields (``replicas``, ``model_num_gpus`` ...) and settings
+    (``models``, ``max_batch_size`` ...); settings not given come from the ``ELGS_*`` environment.
+    """
+    args = dict(args or {})
+    option_names = set(RayOptions.__dataclass_fields__)
+    options = RayOptions(**{k: v for k, v in args.items() if k in option_names})
+    settings = Settings(**{k: v for k, v in args.items() if k not in option_names})
+    return build_application(settings, options)
+
+
+def local_cpu_share(models: int, replicas: int, ingress: RayOptions = RayOptions()) -> float:
+    """Ray CPUs per model replica so that every replica and the ingress fit this machine (at most 1)."""
+    from elgs.compute import available_cores
+
+    free = available_cores() - ingress.ingress_num_cpus * ingress.ingress_replicas
+    return max(0.01, min(1.0, math.floor(100 * free / (models * replicas)) / 100))
+
+
+def serve_forever(settings: Settings, options: RayOptions, address: str | None = None) -> None:
+    """``elgs serve --ray``: start (``address`` None) or join a Ray instance, deploy, serve until Ctrl-C/SIGTERM.
+
+    On the way out the application is deleted; a Ray instance this call started is shut down.
+    """
+    started_here = address is None
+    ray.init(address="local" if started_here else address, include_dashboard=False,
+             runtime_env={"env_vars": _forwarded_environment()}, log_to_driver=True)
+    # Ctrl-C and SIGTERM both end in the clean shutdown below (SIGINT even where a shell ignored it).
+    previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
+        print(f"elgs: serving {', '.join(settings.models)} on Ray Serve at http://{settings.host}:{settings.port} "
+              f"({options.replicas} replica(s) per model, {options.ingress_replicas} ingress); Ctrl-C stops",
+              flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("elgs: shutting down", flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:
+            if started_here:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()
+
+
+def _forwarded_environment() -> dict[str, str]:
+    """The driver's ``ELGS_*``, ``TORCH_HOME`` and ``PYTHONPATH`` for the replicas."""
+    return {key: value for key, value in os.environ.items()
+            if key.startswith("ELGS_") or key in ("TORCH_HOME", "PYTHONPATH")}
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
