@@ -33,7 +33,8 @@ from tests.api.helpers import photo_png, tiny_settings  # noqa: E402
 
 MODEL = "tiny"
 INFO = {"describe": {"name": MODEL, "summary": "tiny test CNN", "input_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
-                     "default_lambda": 3.5, "weights_source": "random (tests)", "weights": "random", "device": "cpu"},
+                     "default_lambda": 3.5, "default_saliency": "gradient", "weights_source": "random (tests)",
+                     "weights": "random", "device": "cpu"},
         "name": MODEL, "weights": "random", "input_size": 32, "device": "cpu", "max_batch_size": 4, "replica": "h:1"}
 
 

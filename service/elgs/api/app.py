@@ -64,24 +64,18 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if service_factory is not None:
             service = await service_factory(settings, service_metrics)
-            app.state.service = service
-            try:
-                yield
-            finally:
-                app.state.service = None
-                await service.close()
-            return
-        if models is not None:
-            loaded, compute_threads = list(models), None
         else:
-            try:  # each model in the thread that will run it (issue 8)
-                loaded, compute_threads = await load_models_placed(settings)
-            except Exception as error:
-                logger.error("cannot start: %s", error)
-                raise
+            if models is not None:
+                loaded, compute_threads = list(models), None
+            else:
+                try:  # each model in the thread that will run it (issue 8)
+                    loaded, compute_threads = await load_models_placed(settings)
+                except Exception as error:
+                    logger.error("cannot start: %s", error)
+                    raise
+            service = ServiceState.build(settings, loaded, service_metrics, compute_threads)
+            await service.start(warmup=settings.warmup)
         app.state.decoder = DecodePool(settings.decode_concurrency)
-        service = ServiceState.build(settings, loaded, service_metrics, compute_threads)
-        await service.start(warmup=settings.warmup)
         app.state.service = service
         try:
             yield

@@ -216,6 +216,18 @@ class RemoteModel:
         return dict(self.description)
 
 
+@dataclass(eq=False)
+class RemoteReservation:
+    """What :meth:`RemoteBatcher.reserve` returns: the request's deadline; holds no place (Ray queues)."""
+
+    batcher: RemoteBatcher
+    deadline: float  # time.monotonic()
+    released: bool = False
+
+    def release(self) -> None:
+        self.released = True
+
+
 class RemoteBatcher:
     """The :class:`~elgs.batcher.Batcher` interface the routers use, sending requests to a model deployment.
 
@@ -237,10 +249,17 @@ class RemoteBatcher:
         self.request_timeout_s = request_timeout_s
         self.running = True
 
-    def check_capacity(self) -> None:
-        """Ray's router knows the queues; a full one answers :class:`QueueFullError` at submit."""
+    def check_capacity(self, deadline: float | None = None) -> None:
+        """Ray's router knows the queues; a full one answers :class:`QueueFullError` at submit, and each
+        replica's own batcher admits by expected wait against ``deadline`` (passed with the request)."""
         if not self.running:
             raise BatcherClosedError(f"model {self.model_name!r} is not accepting requests (shutting down)")
+
+    def reserve(self, deadline: float | None = None) -> RemoteReservation:
+        """The ingress side of :meth:`elgs.batcher.Batcher.reserve`: checks only that the model is served;
+        the place itself is taken in a replica's queue when the request is submitted."""
+        self.check_capacity(deadline)
+        return RemoteReservation(self, time.monotonic() + self.request_timeout_s if deadline is None else deadline)
 
     async def submit(self, request: Request, *, deadline: float | None = None,
                      finish: Callable[[Result], Any] | None = None) -> Any:
