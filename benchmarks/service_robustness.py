@@ -68,7 +68,7 @@ def load_images(folder: Path, size: int) -> tuple[list[str], list[np.ndarray], d
 
 
 class Service:
-    """A thin HTTP client with retries on 503 (a busy queue), as a patient caller would."""
+    """A thin HTTP client that retries 503 (a full queue) and 504 (past the deadline), as a patient caller would."""
 
     def __init__(self, url: str, model: str, api_key: str | None, timeout: float) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -79,7 +79,7 @@ class Service:
         for attempt in range(20):
             response = self.client.post(path, params={"model": self.model, **params},
                                         files={"image": ("image.png", png, "image/png")})
-            if response.status_code != 503:
+            if response.status_code not in (503, 504):
                 break
             time.sleep(float(response.headers.get("Retry-After", 1)))
         if response.status_code != 200:
