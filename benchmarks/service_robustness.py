@@ -68,7 +68,7 @@ def load_images(folder: Path, size: int) -> tuple[list[str], list[np.ndarray], d
 
 
 class Service:
-    """A thin HTTP client with retries on 503 (a busy queue), as a patient caller would."""
+    """A thin HTTP client that retries 503 (a full queue) and 504 (past the deadline), as a patient caller would."""
 
     def __init__(self, url: str, model: str, api_key: str | None, timeout: float) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -79,7 +79,7 @@ class Service:
         for attempt in range(20):
             response = self.client.post(path, params={"model": self.model, **params},
                                         files={"image": ("image.png", png, "image/png")})
-            if response.status_code != 503:
+            if response.status_code not in (503, 504):
                 break
             time.sleep(float(response.headers.get("Retry-After", 1)))
         if response.status_code != 200:
@@ -88,14 +88,24 @@ class Service:
 
 
 def evaluate_method(service: Service, method: str, clean: list[bytes], patched: list[bytes], labels: np.ndarray,
-                    target: int, workers: int, params: dict) -> dict:
-    """All counts for one method; answers are requested ``workers`` at a time (so the server batches)."""
+                    target: int, workers: int, params: dict, thresholds=None) -> dict:
+    """All counts for one method; answers are requested ``workers`` at a time (so the server batches).
+
+    ``thresholds`` (:class:`elgs.thresholds.AttackThresholds`) decides ``attacked`` and ``final_predictions``
+    afterwards, with the engine's rule, only where the service had no threshold (the row says so)."""
     with ThreadPoolExecutor(workers) as pool:
         answers = list(pool.map(lambda png: service.post(f"/defend/{method}", png, **params), clean + patched))
     top1 = lambda key: np.array([a[key][0]["index"] for a in answers])  # noqa: E731
     original, defended, final = top1("original_predictions"), top1("predictions"), top1("final_predictions")
     scores = torch.tensor([a["attack_score"] for a in answers], dtype=torch.float64)
     flags = [a["attacked"] for a in answers]
+    threshold, decided_by = answers[0]["attack_threshold"], "service"
+    if any(flag is None for flag in flags) and thresholds is not None:
+        threshold = thresholds.lookup(method, answers[0]["lambda"], answers[0].get("saliency"))
+        if threshold is not None:  # the engine's rule: attacked = score > threshold; final = defended if attacked
+            decided_by = f"afterwards, at the threshold of {thresholds.source}"
+            flags = [bool(score > threshold) for score in scores.tolist()]
+            final = np.where(np.array(flags), defended, original)
     n = len(clean)
     clean_rows, patched_rows = slice(0, n), slice(n, 2 * n)
     eligible = labels != target
@@ -109,7 +119,7 @@ def evaluate_method(service: Service, method: str, clean: list[bytes], patched: 
 
     return {
         "method": method, "lambda": answers[0]["lambda"], "saliency": answers[0].get("saliency"),
-        "attack_threshold": answers[0]["attack_threshold"], "images": n,
+        "attack_threshold": threshold, "decided_by": decided_by, "images": n,
         "clean_accuracy": share(defended[clean_rows] == labels),
         "patched_accuracy": share(defended[patched_rows] == labels),
         "undefended_success_rate": share(fooled[eligible]),
@@ -126,6 +136,8 @@ def evaluate_method(service: Service, method: str, clean: list[bytes], patched: 
         "final_patched_accuracy": share(final[patched_rows] == labels),
         "final_restored_rate": share((final[patched_rows] == labels)[fooled]),
         "median_ms": float(np.median([a["timing_ms"]["total"] for a in answers])),
+        "per_image": {"labels": labels.tolist(), "score": scores.tolist(), "original": original.tolist(),
+                      "defended": defended.tolist(), "final": final.tolist(), "attacked": flags.tolist()},
     }
 
 
@@ -197,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--json", default=None, help="write the rows and checks as JSON")
+    parser.add_argument("--thresholds", default=None,
+                        help="calibration file deciding 'attacked' afterwards where the service had no threshold")
     args = parser.parse_args(argv)
 
     service = Service(args.url, args.model, args.api_key, args.timeout)
@@ -223,12 +237,19 @@ def main(argv: list[str] | None = None) -> int:
             label_array = np.array([a["predictions"][0]["index"]
                                     for a in pool.map(lambda png: service.post("/classify", png), clean)])
     params = {k: v for k, v in (("lambda", args.lam), ("saliency", args.saliency)) if v is not None}
+    thresholds = None
+    if args.thresholds:
+        from elgs.thresholds import load_thresholds
+
+        thresholds = load_thresholds(args.model, size, paths=(args.thresholds,))
+        if thresholds is None:
+            raise SystemExit(f"{args.thresholds} has no thresholds for {args.model} at {size} px")
     started = time.perf_counter()
     rows = {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         method_params = {k: v for k, v in params.items() if k != "saliency" or method in ("slgs", "wlgs")}
         rows[method] = evaluate_method(service, method, clean, patched, label_array, target, args.workers,
-                                       method_params)
+                                       method_params, thresholds)
     seconds = time.perf_counter() - started
     print(f"{args.url}: {args.model} ({info['weights']}), {len(names)} images from {args.data}, patch "
           f"{patch_path.name} ({patch.shape[0]} px -> {meta.get('target_label', target)}) at the test placement; "
@@ -237,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in rows.items():
         if row["saliency"]:
             print(f"{name} saliency: {row['saliency']}")
-        print(f"{name} attack threshold: {row['attack_threshold']}")
+        print(f"{name} attack threshold: {row['attack_threshold']} (decided by the {row['decided_by']})"
+              if row["decided_by"] == "service" else
+              f"{name} attack threshold: {row['attack_threshold']} (decided {row['decided_by']})")
     verdicts = checks(rows)
     for text, ok in verdicts:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")

@@ -63,6 +63,9 @@ def test_files_round_trip_keep_other_models_and_user_file_wins(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"something": 1}))
     with pytest.raises(ValueError, match="not an elgs calibration file"):
         read_calibration(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        load_thresholds("m", 224, paths=(tmp_path / "broken.json",))
 
 
 def test_shipped_calibration_covers_efficientnet_lite0_defaults():

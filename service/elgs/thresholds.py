@@ -136,7 +136,10 @@ def read_calibration(path: str | os.PathLike) -> dict[str, dict]:
     path = Path(path)
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); fix or delete it, or rerun `elgs calibrate`") from None
     models = data.get("models") if isinstance(data, dict) else None
     if not isinstance(models, dict):
         raise ValueError(f"{path} is not an elgs calibration file (no 'models' object)")

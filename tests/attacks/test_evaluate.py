@@ -16,6 +16,8 @@ from elgs.attacks.evaluate import (
     format_table,
     mean_ssim,
     plot_accuracy,
+    rethreshold,
+    run_engine,
     saliency_overlap,
     settings,
     write_report,
@@ -179,6 +181,8 @@ def test_bad_settings_fail_before_any_work(pipeline):
 def _close(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, float):
         return a == pytest.approx(b, rel=1e-5, abs=1e-6)
     return a == b
@@ -219,10 +223,31 @@ def test_attack_score_detector_and_final_predictions(pipeline):
     assert always["clean_final_accuracy"] == always["clean_accuracy"]
     assert always["attacks"][spec.name]["final_accuracy"] == always["attacks"][spec.name]["accuracy"]
     assert always["attacks"][spec.name]["final_restored_rate"] == always["attacks"][spec.name]["restored_rate"]
+    # The flags and final answers derived in the report are the engine's own.
+    served = run_engine(engine, patched, "lgs", 3.5, 0.2, 4, attack_threshold=middle)
+    assert attack["detection_rate"] == pytest.approx(float(served["attacked"].double().mean()))
+    assert attack["final_accuracy"] == pytest.approx(float((served["final"] == labels).double().mean()))
+    # Re-deciding the report at other thresholds gives what running at them gives.
+    for threshold in (0.0, 2.0):
+        redone = rethreshold(reports[middle], _FixedThreshold(threshold))
+        for ran, again in zip(reports[threshold]["rows"], redone["rows"]):
+            ran, again = dict(ran), dict(again)
+            ran.pop("images_per_second"), again.pop("images_per_second")  # wall time differs run to run
+            assert _close(again, ran), (again["method"], threshold)
     # 'none' changes nothing: score 0 everywhere, so the score separates nothing.
     assert rows[middle]["none"]["attacks"][spec.name]["auroc"] == 0.5
     table = format_table(reports[middle])
     assert "AUROC fooled" in table and f"{attack['auroc']:.3f}" in table
+
+
+class _FixedThreshold:
+    """The lookup interface of :class:`elgs.thresholds.AttackThresholds`, one threshold for everything."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def lookup(self, method, lam, saliency=None) -> float:
+        return self.threshold
 
 
 def test_without_a_threshold_nothing_is_flagged_and_final_is_the_defended_answer(pipeline):

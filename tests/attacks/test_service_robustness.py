@@ -15,6 +15,7 @@ from elgs.attacks.data import predict_labels
 from elgs.attacks.evaluate import PatchSpec, evaluate
 from elgs.attacks.train import AttackConfig, save_patch, train_patch
 from elgs.images import SAMPLE_PHOTOS, image_to_tensor, sample_photo
+from elgs.thresholds import AttackThresholds, ThresholdEntry, write_calibration
 from tests.api.helpers import LiveServer, tiny_settings
 from tests.conftest import make_tiny_model
 
@@ -50,12 +51,25 @@ def test_figures_through_http_equal_the_in_process_evaluation(robustness, tmp_pa
     for name, image in zip(SAMPLE_PHOTOS[12:], photos[12:]):
         encode = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
         Image.fromarray(encode).save(data / f"{name}.png")
-    out = tmp_path / "robustness.json"
+    out, decided = tmp_path / "robustness.json", tmp_path / "decided.json"
+    calibration = write_calibration(tmp_path / "calibration.json", AttackThresholds(
+        model="tiny", input_size=32, fpr=0.05, images=6, data="test",
+        entries=(ThresholdEntry(method="lgs", lam=3.5, saliency=None, threshold=0.3),)))
+    arguments = ["--data", str(data), "--patch", str(tmp_path / "patch.png"), "--model", "tiny", "--methods",
+                 "none,lgs", "--lambda", "3.5", "--workers", "4"]
     with LiveServer(tiny_settings(), [make_tiny_model()]) as server:
-        code = robustness.main(["--url", server.url, "--data", str(data), "--patch", str(tmp_path / "patch.png"),
-                                "--model", "tiny", "--methods", "none,lgs", "--lambda", "3.5", "--workers", "4",
-                                "--json", str(out)])
+        code = robustness.main(["--url", server.url, *arguments, "--json", str(out)])
+        robustness.main(["--url", server.url, *arguments, "--json", str(decided), "--thresholds", str(calibration)])
     report = json.loads(out.read_text())
+    # Decided afterwards at the calibration file's threshold, with the engine's rule (the service had none).
+    lgs = json.loads(decided.read_text())["rows"]["lgs"]
+    per_image = lgs["per_image"]
+    assert lgs["attack_threshold"] == 0.3 and "afterwards" in lgs["decided_by"]
+    assert per_image["attacked"] == [score > 0.3 for score in per_image["score"]]
+    assert per_image["final"] == [d if a else o for o, d, a in zip(per_image["original"], per_image["defended"],
+                                                                   per_image["attacked"])]
+    assert lgs["clean_flagged"] == pytest.approx(np.mean(per_image["attacked"][: len(per_image["labels"])]))
+    assert report["rows"]["lgs"]["decided_by"] == "service"
     assert code == (0 if all(check["pass"] for check in report["checks"]) else 1)
     names = sorted(p.name for p in data.iterdir() if p.suffix == ".png")
     images = torch.stack([image_to_tensor(Image.open(data / name), 32) for name in names])

@@ -121,6 +121,9 @@ def saliency_overlap(saliency: torch.Tensor, patch_masks: torch.Tensor) -> dict[
     }
 
 
+PER_IMAGE_KEYS = ("score", "original", "defended")
+
+
 def run_engine(engine: Engine, images: torch.Tensor, method: str, lam: float | None, threshold: float,
                batch_size: int, saliency: str | None = None, attack_threshold: float | None = None) -> dict:
     """Defend ``images`` (N, 3, S, S) through the engine in batches of ``task="defend"`` requests.
@@ -236,13 +239,14 @@ def evaluate(
     for method, lam in table:  # bad names and out-of-range values fail here, before any work
         engine.resolve(Request(image=torch.zeros(3, size, size), task="defend", method=method, lam=lam,
                                threshold=threshold, saliency=saliency, attack_threshold=attack_threshold))
-    # Per setting: sums over images; per setting and patch: sums over images.
-    # Attack scores, flags and final top-1 hits are kept per image (lists of (n,) tensors) for the AUROC.
+    # Per setting: sums over images; per setting and patch: sums over images. The attack score and the
+    # pass-1 and pass-2 top-1 are kept per image (the detector's figures need them, see detector_summary).
     sums = [{"clean_correct": 0.0, "ssim_clean": 0.0, "seconds": 0.0, "processed": 0, "saliency_method": None,
-             "attack_threshold": None, "scores": [], "flags": [], "final_correct": [], "pass1_correct": [],
+             "attack_threshold": None, "per_image": {key: [] for key in PER_IMAGE_KEYS},
              "attacks": [{"correct": 0.0, "eligible": 0.0, "hits": 0.0, "fooled": 0.0, "restored": 0.0,
-                          "ssim": 0.0, "saliency": {}, "scores": [], "flags": [], "final_correct": [],
-                          "fooled_mask": []} for _ in patches]} for _ in table]
+                          "ssim": 0.0, "saliency": {}, "per_image": {key: [] for key in PER_IMAGE_KEYS}}
+                         for _ in patches]} for _ in table]
+    all_labels = []
     generators = [torch.Generator().manual_seed(seed * 1_000 + index) for index in range(len(patches))]
     bar = tqdm(total=len(table) * (1 + len(patches)) * total, disable=not progress, unit="img", desc="eval",
                dynamic_ncols=True)
@@ -252,6 +256,7 @@ def evaluate(
         if images.shape[-2:] != (size, size):
             raise ValueError(f"images are {tuple(images.shape[-2:])}, the model takes {size}x{size}")
         seen += len(images)
+        all_labels += labels.tolist()
         patched_sets, masks = [], []
         for spec, generator in zip(patches, generators):
             patch_size = spec.patch.shape[-1]
@@ -266,10 +271,8 @@ def evaluate(
             bar.update(len(images))
             acc["clean_correct"] += float((clean["defended"] == labels).sum())
             acc["saliency_method"], acc["attack_threshold"] = clean["saliency_method"], clean["attack_threshold"]
-            acc["scores"].append(clean["score"])
-            acc["flags"].append(clean["attacked"])
-            acc["final_correct"].append(clean["final"] == labels)
-            acc["pass1_correct"].append(clean["original"] == labels)
+            for key in PER_IMAGE_KEYS:
+                acc["per_image"][key] += clean[key].tolist()
             acc["ssim_clean"] += mean_ssim(images, clean["images"]) * len(images)
             acc["seconds"] += clean["seconds"]
             acc["processed"] += len(images)
@@ -286,10 +289,8 @@ def evaluate(
                 attack["fooled"] += float(fooled.sum())
                 attack["restored"] += float((run["defended"][fooled] == labels[fooled]).sum())
                 attack["ssim"] += mean_ssim(patched, run["images"]) * len(images)
-                attack["scores"].append(run["score"])
-                attack["flags"].append(run["attacked"])
-                attack["final_correct"].append(run["final"] == labels)
-                attack["fooled_mask"].append(fooled)
+                for key in PER_IMAGE_KEYS:
+                    attack["per_image"][key] += run[key].tolist()
                 if run["saliency"] is not None:
                     for key, value in saliency_overlap(run["saliency"], mask).items():
                         attack["saliency"][key] = attack["saliency"].get(key, 0.0) + value * len(images)
@@ -298,51 +299,94 @@ def evaluate(
     def ratio(numerator: float, denominator: float) -> float | None:
         return numerator / denominator if denominator else None
 
-    def flagged(flags: list[torch.Tensor | None], where: torch.Tensor | None = None) -> float | None:
-        """Share flagged as attacked (over ``where``); None without a threshold or without images."""
-        if any(flag is None for flag in flags):
-            return None
-        flags = torch.cat(flags)
-        flags = flags if where is None else flags[where]
-        return float(flags.double().mean()) if len(flags) else None
-
     rows = []
     for (method, lam), acc in zip(table, sums):
-        clean_scores, clean_correct = torch.cat(acc["scores"]), torch.cat(acc["pass1_correct"])
-        clean_final = torch.cat(acc["final_correct"])
         row = {"method": method, "lambda": lam, "saliency_method": acc["saliency_method"],
                "clean_accuracy": acc["clean_correct"] / seen, "ssim_clean": acc["ssim_clean"] / seen,
-               "attack_threshold": acc["attack_threshold"], "clean_flagged": flagged(acc["flags"]),
-               "clean_final_accuracy": float(clean_final.double().mean()),
-               "clean_attack_score_mean": float(clean_scores.mean()), "attacks": {},
-               "images_per_second": ratio(acc["processed"], acc["seconds"])}
+               "attacks": {}, "images_per_second": ratio(acc["processed"], acc["seconds"]),
+               "per_image": acc["per_image"]}
         for spec, attack in zip(patches, acc["attacks"]):
-            scores, fooled = torch.cat(attack["scores"]), torch.cat(attack["fooled_mask"])
-            final_correct = torch.cat(attack["final_correct"])
             row["attacks"][spec.name] = {
-                "auroc": auroc(clean_scores, scores),
-                "auroc_fooled": (auroc(clean_scores[clean_correct], scores[fooled])
-                                 if fooled.any() and clean_correct.any() else None),
-                "detection_rate": flagged(attack["flags"]),
-                "detection_rate_fooled": flagged(attack["flags"], fooled) if fooled.any() else None,
-                "final_accuracy": float(final_correct.double().mean()),
-                "final_restored_rate": float(final_correct[fooled].double().mean()) if fooled.any() else None,
-                "attack_score_mean": float(scores.mean()),
                 "accuracy": attack["correct"] / seen,
                 "success_rate": ratio(attack["hits"], attack["eligible"]),
                 "undefended_success_rate": ratio(attack["fooled"], attack["eligible"]),
                 "restored_rate": ratio(attack["restored"], attack["fooled"]),
                 "ssim": attack["ssim"] / seen,
                 **({"saliency": {k: v / seen for k, v in attack["saliency"].items()}} if attack["saliency"] else {}),
+                "per_image": attack["per_image"],
             }
+        detector_summary(row, all_labels, {spec.name: spec.target for spec in patches}, acc["attack_threshold"])
         rows.append(row)
     return {
         "model": model.name, "weights": model.weights, "input_size": model.input_size, "images": seen,
-        "placement": placement, "threshold": threshold, "saliency": saliency,
+        "placement": placement, "threshold": threshold, "saliency": saliency, "labels": all_labels,
         "patches": [{"name": p.name, "path": str(p.path), "shape": p.shape, "size": int(p.patch.shape[-1]),
                      "target": p.target, "target_label": model.labels[p.target]} for p in patches],
         "rows": rows,
     }
+
+
+def detector_summary(row: dict, labels: list[int], targets: dict[str, int], attack_threshold: float | None) -> dict:
+    """Fill ``row`` (and its ``attacks``) with the attack score's figures at ``attack_threshold``.
+
+    The decision is the engine's: ``attacked = score > threshold`` (None without a threshold), and
+    ``final_predictions`` is the original answer when not attacked, else the defended one. Computed from
+    the row's ``per_image`` scores and top-1s, so a report can be re-decided at other thresholds
+    (:func:`rethreshold`) without running the model again.
+
+    Args:
+        row: a report row with ``per_image`` (clean) and per patch ``per_image``: ``score``,
+            ``original`` and ``defended`` top-1, one entry per image.
+        labels: true class per image.
+        targets: patch name -> target class.
+        attack_threshold: the threshold (None: nothing is decided).
+
+    Returns:
+        ``row``, updated in place.
+    """
+    labels_t = torch.tensor(labels)
+
+    def decided(per_image: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        score = torch.tensor(per_image["score"], dtype=torch.float64)
+        flags = None if attack_threshold is None else score > attack_threshold
+        original, defended = torch.tensor(per_image["original"]), torch.tensor(per_image["defended"])
+        final = defended if flags is None else torch.where(flags, defended, original)
+        return score, flags, final
+
+    def share(values: torch.Tensor | None) -> float | None:
+        return None if values is None or len(values) == 0 else float(values.double().mean())
+
+    clean_score, clean_flags, clean_final = decided(row["per_image"])
+    clean_correct = torch.tensor(row["per_image"]["original"]) == labels_t
+    row.update(attack_threshold=attack_threshold, clean_flagged=share(clean_flags),
+               clean_final_accuracy=share(clean_final == labels_t),
+               clean_attack_score_mean=float(clean_score.mean()))
+    for name, attack in row["attacks"].items():
+        score, flags, final = decided(attack["per_image"])
+        original = torch.tensor(attack["per_image"]["original"])
+        fooled = (original == targets[name]) & (labels_t != targets[name])  # the attack worked before the defence
+        attack.update(
+            auroc=auroc(clean_score, score),
+            auroc_fooled=auroc(clean_score[clean_correct], score[fooled])
+            if fooled.any() and clean_correct.any() else None,
+            detection_rate=share(flags),
+            detection_rate_fooled=share(flags[fooled]) if flags is not None and fooled.any() else None,
+            final_accuracy=share(final == labels_t),
+            final_restored_rate=share((final == labels_t)[fooled]) if fooled.any() else None,
+            attack_score_mean=float(score.mean()),
+        )
+    return row
+
+
+def rethreshold(report: dict, thresholds) -> dict:
+    """A copy of ``report`` with every row re-decided at the thresholds of ``thresholds``
+    (:class:`elgs.thresholds.AttackThresholds`, e.g. a calibration file written after the evaluation ran)."""
+    report = json.loads(json.dumps(report))
+    targets = {patch["name"]: patch["target"] for patch in report["patches"]}
+    for row in report["rows"]:
+        threshold = thresholds.lookup(row["method"], row["lambda"], row["saliency_method"])
+        detector_summary(row, report["labels"], targets, threshold)
+    return report
 
 
 def _cell(fraction: float | None, width: int) -> str:

@@ -358,7 +358,10 @@ def success_rate(model: LoadedModel, batches: _Batches, patch: torch.Tensor, con
     if len(order) == 0:
         return float("nan")
     hits = counted = 0
-    for images, labels in batches.epoch(order, max(config.batch_size, 32)):
+    # Through SLGS/WLGS the saliency multiplies the batch (smoothgrad: n copies, each with a backward):
+    # keep the training batch size there, or the final check needs several times the training's memory.
+    through_saliency = config.through is not None and get_defense(config.through).needs_saliency
+    for images, labels in batches.epoch(order, config.batch_size if through_saliency else max(config.batch_size, 32)):
         images, labels = images.to(device), labels.to(device)
         # (SLGS/WLGS saliency switches gradients back on internally, for the input only.)
         logits = logits_through(model, patched_batch(images, patch, mask, config, generator), config.through,

@@ -207,7 +207,8 @@ async function defend(event) {
     fillPredictions($("defended-predictions"), answer.predictions);
     showVerdict(answer);
     const estimator = saliency.saliency_method || $("saliency").value;
-    $("saliency-note").textContent = `(red${estimator ? `, ${estimator}` : ""})`;
+    $("saliency-note").textContent = `(red${estimator ? `, ${estimator.split(":")[0]}` : ""})`;
+    $("saliency-note").title = estimator; // the full spec, e.g. smoothgrad:n=4,sigma=0.2,...
     await drawSaliency(body, saliency.region, model.input_size);
     $("meta").textContent = `${answer.model} (${answer.weights} weights), batch of ${answer.batch_size}, ` +
       `${answer.timing_ms.total.toFixed(0)} ms`;

@@ -1,0 +1,67 @@
+"""`elgs defend --saliency/--attack-threshold` and `elgs calibrate` through the CLI entry point."""
+
+import json
+
+import pytest
+
+from elgs.cli import main
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["defend", "skimage:chelsea", "--model", "efficientnet_lite0", "--saliency", "blur"],
+     "saliency: unknown saliency estimator 'blur'"),
+    (["defend", "skimage:chelsea", "--model", "efficientnet_lite0", "--saliency", "smoothgrad:n=99"],
+     "n must be in [1, 32], got 99"),
+    (["defend", "skimage:chelsea", "--model", "efficientnet_lite0", "--attack-threshold", "3"],
+     "attack_threshold must be a number in [0, 2], got 3.0"),
+])
+def test_defend_rejects_bad_saliency_and_attack_threshold(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data", "/nonexistent"], "no such data folder: /nonexistent"),
+    (["--methods", "lgs,blur"], "unknown method 'blur'"),
+    (["--lambdas", "2,x"], "--lambdas must be numbers"),
+    (["--lambdas", "12"], "--lambdas must lie in [0, 10]"),
+    (["--fpr", "1.5"], "--fpr must be in [0, 1), got 1.5"),
+    (["--weights", "random"], "calibrating random weights is pointless"),
+])
+def test_calibrate_user_errors(tmp_path, extra, message, capsys):
+    from elgs.images import sample_photo
+
+    sample_photo("coffee").save(tmp_path / "coffee.png")
+    argv = ["calibrate", "--model", "efficientnet_lite0", "--data", str(tmp_path), "--out", str(tmp_path / "c.json")]
+    assert main(argv + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.slow
+def test_calibrate_then_defend_reads_the_thresholds(tmp_path, monkeypatch, capsys):
+    from elgs.images import sample_photo
+
+    data = tmp_path / "clean"
+    data.mkdir()
+    for name in ("chelsea", "coffee", "astronaut"):
+        sample_photo(name).save(data / f"{name}.png")
+    calibration = tmp_path / "calibration.json"
+    monkeypatch.setenv("ELGS_CALIBRATION_FILE", str(calibration))
+    code = main(["calibrate", "--model", "efficientnet_lite0", "--data", str(data), "--fpr", "0.34",
+                 "--methods", "lgs", "--lambdas", "3.5", "--batch-size", "3"])
+    assert code == 0, capsys.readouterr().err
+    block = json.loads(calibration.read_text())["models"]["efficientnet_lite0"]
+    assert (block["fpr"], block["images"], block["input_size"]) == (0.34, 3, 224)
+    (entry,) = block["entries"]
+    assert (entry["method"], entry["lam"], entry["saliency"]) == ("lgs", 3.5, None)
+    assert entry["clean_flagged"] == pytest.approx(1 / 3)  # ceil(0.66 * 3) = 2nd smallest: one image above
+    capsys.readouterr()
+    out = tmp_path / "answer.json"
+    assert main(["defend", "skimage:chelsea", "--model", "efficientnet_lite0", "--method", "lgs", "--json", str(out)]) == 0
+    answer = json.loads(out.read_text())
+    assert answer["attack_threshold"] == pytest.approx(entry["threshold"])
+    assert answer["attacked"] == (answer["attack_score"] > entry["threshold"])
+    expected = answer["predictions"] if answer["attacked"] else answer["original_predictions"]
+    assert answer["final_predictions"] == expected
+    assert "attack score" in capsys.readouterr().out
