@@ -152,6 +152,19 @@ def decide(score: float, threshold: float | None) -> bool | None:
     return None if threshold is None else bool(score > threshold)
 
 
+def resolve_saliency(spec: str | None, default: SaliencyConfig | str) -> SaliencyConfig:
+    """A request's ``?saliency=`` spec resolved against a model's default estimator (None: the default).
+
+    Raises:
+        InvalidParameterError: the spec is malformed or out of range.
+    """
+    try:
+        default = parse_saliency(default) if isinstance(default, str) else default
+        return default if spec is None else parse_saliency(spec, base=default)
+    except (ValueError, TypeError) as error:
+        raise InvalidParameterError(f"saliency: {error}") from None
+
+
 class Engine:
     """Runs batches of :class:`Request` through one :class:`~elgs.models.LoadedModel`.
 
@@ -178,13 +191,7 @@ class Engine:
         Raises:
             InvalidParameterError: the spec is malformed or out of range.
         """
-        default = self.default_saliency
-        if spec is None:
-            return default
-        try:
-            return parse_saliency(spec, base=default)
-        except (ValueError, TypeError) as error:
-            raise InvalidParameterError(f"saliency: {error}") from None
+        return resolve_saliency(spec, self.default_saliency)
 
     def attack_threshold(self, request: Request) -> float | None:
         """The threshold that decides ``attacked`` for a resolved ``defend`` request."""

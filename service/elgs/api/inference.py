@@ -23,7 +23,7 @@ from elgs.api.settings import Settings
 from elgs.api.state import ModelRuntime
 from elgs.api.uploads import read_image
 from elgs.defenses import minmax_normalize
-from elgs.engine import Prediction, Request, Result
+from elgs.engine import Prediction, Request, Result, resolve_saliency
 from elgs.images import encode_png, tensor_to_array
 
 
@@ -103,6 +103,16 @@ async def run(http_request: HttpRequest, runtime: ModelRuntime, settings: Settin
     timing = {"decode": round((decoded - started) * 1000, 3), "queue": round(max(0.0, waited_ms - engine_ms), 3)}
     timing.update({stage: round(ms, 3) for stage, ms in result.timing_ms.items()})
     return Answer(result=result, timing_ms=timing, started=started)
+
+
+def check_saliency(runtime: ModelRuntime, spec: str | None) -> None:
+    """422 for a malformed ``?saliency=`` before the upload is decoded (the engine checks it again).
+
+    Reads the model's default estimator from ``runtime.model.describe()``, which a local model and a
+    Ray Serve model deployment both answer.
+    """
+    if spec is not None:
+        resolve_saliency(spec, runtime.model.describe()["default_saliency"])
 
 
 def predictions(items: list[Prediction] | None) -> list[dict]:

@@ -67,7 +67,7 @@ async def defend(
     except KeyError as error:
         raise UnknownMethodError(str(error.args[0])) from None
     if saliency is not None and defense.needs_saliency:
-        runtime.engine.saliency_config(saliency)  # a bad spec answers 422 before the upload is decoded
+        inference.check_saliency(runtime, saliency)
     answer = await inference.run(http_request, runtime, settings, image, task="defend", method=method, lam=lam,
                                  threshold=threshold, saliency=saliency, attack_threshold=attack_threshold)
     result = answer.result
