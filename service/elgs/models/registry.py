@@ -344,5 +344,5 @@ register(ModelSpec(
     embedded_weights=_efficientnet_lite0_file,
     # The plain gradient is blind to a patch on this ReLU6 network (saturated units pass no
     # gradient); measured choice, see README "Saliency estimators".
-    default_saliency="smoothgrad:n=4,sigma=0.2,rectify=true",
+    default_saliency="smoothgrad:n=8,sigma=0.2,rectify=true",
 ))
