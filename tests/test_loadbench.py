@@ -90,6 +90,17 @@ def test_floor_is_the_model_alone(method, calls_per_batch):
     assert all(row["throughput"] == pytest.approx(row["images"] / row["duration_s"]) for row in rows)
 
 
+def test_floor_gradient_pass_carries_the_estimators_copies():
+    model = make_tiny_model()
+    seen_rows = []
+    forward = model.module.forward
+    model.module.forward = lambda x: (seen_rows.append(x.shape[0]), forward(x))[1]
+    rows = model_floor(model, sample_uploads(32, count=2), batch_sizes=[2], duration_s=0.05, method="slgs",
+                       saliency="smoothgrad:n=3,sigma=0.1")
+    assert rows[0]["passes"] == "forward+input-gradient (3 rows per image)+forward"
+    assert set(seen_rows) == {6, 2}  # pass 1 on 2 images x 3 copies, pass 2 on the 2 images
+
+
 def test_interleaved_ratio_alternates_engine_and_http(live_server):
     model = make_tiny_model()
     model.module.calls = 0

@@ -100,7 +100,7 @@ def sample_uploads(size: int, count: int = len(PHOTOS)) -> list[bytes]:
 async def run_level(url: str, uploads: Sequence[bytes], *, concurrency: int, duration_s: float,
                     method: str = "slgs", mode: str = "http", api_key: str | None = None,
                     model: str | None = None, warmup_requests: int | None = None,
-                    server_pid: int | None = None) -> LevelResult:
+                    server_pid: int | None = None, saliency: str | None = None) -> LevelResult:
     """Keep ``concurrency`` requests in flight for ``duration_s`` seconds and summarise them.
 
     Each worker first sends ``warmup_requests`` (default one) unrecorded requests, so connection
@@ -113,6 +113,8 @@ async def run_level(url: str, uploads: Sequence[bytes], *, concurrency: int, dur
                          f"{len(uploads)} uploads")
     headers = _auth_headers(api_key)
     params = {"model": model} if model else {}
+    if saliency:
+        params["saliency"] = saliency
     endpoint = f"{url.rstrip('/')}/defend/{method}"
     latencies: list[float] = []
     batch_sizes: list[int] = []
@@ -215,29 +217,32 @@ def engine_throughput(model: str | LoadedModel, uploads: Sequence[bytes], *, bat
 
 def model_floor(model: str | LoadedModel, uploads: Sequence[bytes], *, batch_sizes: Sequence[int],
                 duration_s: float, method: str = "slgs", weights: str = "pretrained", device: str | None = None,
-                input_size: int | None = None) -> list[dict]:
+                input_size: int | None = None, saliency: str | None = None) -> list[dict]:
     """Images per second of the model alone at each of ``batch_sizes``: the service's floor.
 
     Per batch: forward + input-gradient backward + forward when ``method`` needs a saliency map
-    (the engine's two passes), else forward + forward; no defence, no engine, nothing else. Call it
+    (the engine's two passes), else forward + forward; no defence, no engine, nothing else. The
+    gradient pass carries as many copies of each image as the saliency estimator (``saliency``, default
+    the model's own: SmoothGrad with n copies runs n rows per image in pass 1). Call it
     in the main thread of a fresh process (:func:`model_floor_in_subprocess`) for the hardware's
     figure. Two warm-up batches per size are not timed.
     """
     import torch
 
-    from elgs.defenses import get_defense, saliency_from_loss, topk_loss
+    from elgs.defenses import get_defense, parse_saliency, saliency_from_loss, topk_loss
     from elgs.images import image_to_tensor, open_image
     from elgs.models import load_model
 
     if isinstance(model, str):
         model = load_model(model, weights=weights, device=device, input_size=input_size)
     needs_saliency = get_defense(method).needs_saliency
+    copies = parse_saliency(saliency or model.spec.default_saliency).n if needs_saliency else 1
     images = [image_to_tensor(open_image(upload), model.input_size) for upload in uploads]
 
     def passes(x: torch.Tensor) -> None:
         if needs_saliency:
             with torch.enable_grad():
-                x_input = x.clone().requires_grad_(True)
+                x_input = x.repeat(copies, 1, 1, 1).requires_grad_(True)
                 saliency_from_loss(topk_loss(model.module(model.normalize(x_input))), x_input)
         else:
             with torch.inference_mode():
@@ -260,18 +265,20 @@ def model_floor(model: str | LoadedModel, uploads: Sequence[bytes], *, batch_siz
         rows.append({"batch_size": batch_size, "images": batches * batch_size, "duration_s": elapsed,
                      "throughput": batches * batch_size / elapsed, "batch_ms": elapsed / batches * 1000,
                      "cpu_ms_per_image": cpu / (batches * batch_size) * 1000,
-                     "passes": "forward+input-gradient+forward" if needs_saliency else "forward+forward",
+                     "passes": ("forward+forward" if not needs_saliency else "forward+input-gradient+forward"
+                                if copies == 1 else f"forward+input-gradient ({copies} rows per image)+forward"),
                      "device": str(model.device), "threads": torch.get_num_threads()})
     return rows
 
 
 def model_floor_in_subprocess(model: str, *, image_size: int, batch_sizes: Sequence[int], duration_s: float,
                               method: str = "slgs", weights: str = "pretrained", device: str | None = None,
-                              input_size: int | None = None, env: dict[str, str] | None = None) -> list[dict]:
+                              input_size: int | None = None, env: dict[str, str] | None = None,
+                              saliency: str | None = None) -> list[dict]:
     """:func:`model_floor` in the main thread of a fresh Python process (``env``: its environment)."""
     arguments = {"model": model, "image_size": image_size, "batch_sizes": list(batch_sizes),
                  "duration_s": duration_s, "method": method, "weights": weights, "device": device,
-                 "input_size": input_size}
+                 "input_size": input_size, "saliency": saliency}
     code = "import sys; from elgs.loadbench import _floor_process; _floor_process(sys.argv[1])"
     completed = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env=env, capture_output=True,
                                text=True, timeout=duration_s * len(batch_sizes) + 600)
@@ -532,12 +539,15 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
                           url: str | None = None, api_key: str | None = None, batched_max_batch_size: int | None = None,
                           engine: bool = False, out_dir: str | os.PathLike = "benchmarks/results",
                           device: str | None = None, input_size: int | None = None, ratio_rounds: int = 3,
-                          omp_wait_policy: str | None = "PASSIVE", floor: bool = True) -> dict:
+                          omp_wait_policy: str | None = "PASSIVE", floor: bool = True,
+                          saliency: str | None = None) -> dict:
     """Benchmark the service; print the table, write ``service_load.json`` and ``service_load.png`` in ``out_dir``.
 
     Args:
         model, weights: what the servers load (``elgs serve --models MODEL``, ``ELGS_WEIGHTS``).
         method: the defence requested (``/defend/{method}``).
+        saliency: ``?saliency=`` of the requests (None: the model's default estimator); the floor's
+            gradient pass carries the same number of copies per image.
         concurrency: levels of concurrent requests.
         duration_s: measured seconds per level.
         url: benchmark this running server instead of starting two (mode ``external``); the engine
@@ -594,7 +604,7 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
         floor_runs[when] = {
             label: model_floor_in_subprocess(model, image_size=uploads_size, batch_sizes=sizes, duration_s=duration_s,
                                              method=method, weights=weights, device=device, input_size=input_size,
-                                             env=env)
+                                             env=env, saliency=saliency)
             for label, env in floor_envs.items()}
         floors[when] = [{**max(rows, key=lambda row: row["throughput"]),
                          "threading": max(zip(rows, floor_runs[when]), key=lambda pair: pair[0]["throughput"])[1]}
@@ -610,7 +620,7 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
         for level in concurrency:
             result = asyncio.run(run_level(server_url, uploads, concurrency=level, duration_s=duration_s,
                                            method=method, mode=mode, api_key=api_key,
-                                           server_pid=server_pids.get(server_url)))
+                                           server_pid=server_pids.get(server_url), saliency=saliency))
             levels.append(result)
             print(f"  {mode:<14} concurrency {level:>3}: {result.throughput:7.2f} req/s, "
                   f"p50 {result.p50_ms:7.1f} ms, p99 {result.p99_ms:7.1f} ms, errors {result.errors}", flush=True)
@@ -645,7 +655,7 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
     floor_rows = combine_floors(floors["before"], floors["after"]) if floors else {}
     summary = floor_summary(levels, servers, floor_rows) if floor_rows else {}
     document = {
-        "model": model, "weights": weights, "method": method, "image_size": uploads_size, "duration_s": duration_s,
+        "model": model, "weights": weights, "method": method, "saliency": saliency, "image_size": uploads_size, "duration_s": duration_s,
         "cpu_count": os.cpu_count(), "available_cores": _available_cores(), "servers": servers,
         "omp_wait_policy": process_env.get("OMP_WAIT_POLICY"), "load_average": os.getloadavg(),
         "floor": {"before": floors.get("before"), "after": floors.get("after"), "runs": floor_runs,
@@ -680,6 +690,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model the servers load (default efficientnet_lite0)")
     parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"])
     parser.add_argument("--method", default="slgs", help="defence to request (default slgs)")
+    parser.add_argument("--saliency", default=None, metavar="SPEC",
+                        help="?saliency= of the requests, e.g. gradient (default: the model's estimator); the floor's "
+                             "gradient pass carries as many copies per image")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY_LEVELS)),
                         help="comma list of concurrency levels (default 1,2,4,8,16,32)")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per level (default 8)")
@@ -716,7 +729,7 @@ def handle(args: argparse.Namespace) -> int:
                           duration_s=args.duration, url=args.url, api_key=args.api_key,
                           batched_max_batch_size=args.max_batch_size, engine=args.engine, out_dir=args.out,
                           device=args.device, input_size=args.input_size, ratio_rounds=args.ratio_rounds,
-                          omp_wait_policy=args.omp_wait_policy or None, floor=args.floor)
+                          omp_wait_policy=args.omp_wait_policy or None, floor=args.floor, saliency=args.saliency)
     return 0
 
 
