@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import subprocess
 import sys
 import textwrap
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,8 @@ import pytest
 from elgs import images
 from elgs.images import ImageTooLargeError, decode_for_model, image_to_tensor, open_image, reduced_rgb, sample_photo
 from PIL import Image
+
+from tests.api.helpers import png_header_only
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,17 +102,10 @@ def test_large_exif_oriented_images_reduced_while_decoding_stay_close(orientatio
     assert difference.mean() < 0.5 and difference.max() <= 8
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    data = chunk(b"IDAT", zlib.compress(b"\0" * 64))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + data + chunk(b"IEND", b"")
-
 
 def test_an_image_over_pillows_own_limit_quotes_ours():
     with pytest.raises(ImageTooLargeError) as error:
-        decode_for_model(_png_header_only(20_000, 20_000), 32, max_pixels=40_000_000)
+        decode_for_model(png_header_only(20_000, 20_000), 32, max_pixels=40_000_000)
     assert "40000000" in str(error.value) and "ELGS_MAX_PIXELS" in str(error.value)
     assert str(2 * Image.MAX_IMAGE_PIXELS) not in str(error.value)
 

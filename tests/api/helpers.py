@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import socket
+import struct
 import threading
 import time
+import zlib
 
 import httpx
 import uvicorn
@@ -118,3 +120,12 @@ def photo_png(name: str = "chelsea", size: int | None = 64) -> bytes:
     if size is not None:
         image.thumbnail((size, size))
     return encode(image)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels but carries almost no data (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + data + chunk(b"IEND", b"")

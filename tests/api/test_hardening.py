@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 import time
-import zlib
 
 import httpx
 import pytest
 from torch import nn
 
-from tests.api.helpers import LiveServer, gated_tiny_model, photo_png, tiny_settings
+from tests.api.helpers import LiveServer, gated_tiny_model, photo_png, png_header_only, tiny_settings
 from tests.conftest import make_tiny_model
 
 BOUNDARY = "elgs0boundary"
@@ -39,13 +37,6 @@ def _status_of(connection: socket.socket) -> int:
         received += chunk
     return int(received.split(b" ", 2)[1])
 
-
-def _png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    data = chunk(b"IDAT", zlib.compress(b"\0" * 64))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + data + chunk(b"IEND", b"")
 
 
 class Broken(nn.Module):
@@ -96,7 +87,7 @@ def test_two_image_parts_are_422(server):
 
 
 def test_image_over_pillows_own_limit_quotes_elgs_max_pixels(server):
-    response = httpx.post(f"{server.url}/classify", files={"image": ("bomb.png", _png_header_only(20_000, 20_000),
+    response = httpx.post(f"{server.url}/classify", files={"image": ("bomb.png", png_header_only(20_000, 20_000),
                                                                      "image/png")}, timeout=20)
     assert response.status_code == 413
     detail = response.json()["detail"]
