@@ -1,5 +1,6 @@
 """Saliency estimators: specs, the gradient map kept exact, SmoothGrad averaging, rectified backward, WLGS weights."""
 
+import contextlib
 import math
 
 import pytest
@@ -235,3 +236,45 @@ def test_wlgs_mask_default_is_the_paper_weighting():
     expected = minmax_normalize(saliency.unsqueeze(1)) * local_gradient_map(xn)
     assert torch.equal(wlgs_mask(xn, saliency), expected)
     assert (wlgs_mask(xn, saliency, quantile=0.8) >= expected).all()
+
+
+class _GatedClip(nn.Module):
+    """Reference for rectify: the forward of a clip, the backward gated by :func:`rectified_gate` per row."""
+
+    def __init__(self, min_val: float, max_val: float, rows: torch.Tensor | None) -> None:
+        super().__init__()
+        self.min_val, self.max_val, self.rows = min_val, max_val, rows
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        gate = rectified_gate(a.detach(), self.min_val, self.max_val, self.rows).to(a.dtype)
+        return a * gate + (a.clamp(self.min_val, self.max_val) - a * gate).detach()
+
+
+@pytest.mark.parametrize("rows", [None, [True, False, True]])
+def test_rectified_backward_matches_the_gate_reference_in_float64(rows):
+    torch.manual_seed(0)
+    rows = None if rows is None else torch.tensor(rows)
+
+    def network(first: nn.Module, second: nn.Module) -> nn.Sequential:
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), first, nn.Conv2d(6, 6, 3, padding=1), second,
+                            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5))
+        with torch.no_grad():
+            net[0].weight.mul_(15)  # drive units past both clips
+        return net.double().eval().requires_grad_(False)
+
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    hooked = network(nn.ReLU6(), nn.Hardtanh(-1.0, 1.0))
+    reference = network(_GatedClip(0.0, 6.0, rows), _GatedClip(-1.0, 1.0, rows))
+
+    def input_gradient(model: nn.Module, context) -> torch.Tensor:
+        with torch.enable_grad(), context:
+            xi = x.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(model(xi).logsumexp(1).sum(), xi)
+        return grad
+
+    got = input_gradient(hooked, rectified_activations(hooked, rows))
+    expected = input_gradient(reference, contextlib.nullcontext())
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    plain = input_gradient(hooked, contextlib.nullcontext())
+    assert not torch.allclose(got, plain)  # the clips were hit: rectifying changed the gradient
