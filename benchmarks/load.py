@@ -7,7 +7,7 @@ off, the engine alone as the ceiling; prints a table, writes JSON + PNG. Same as
 
 import sys
 
-from elgs.loadbench import main
+from elgs.bench.service import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -218,9 +218,7 @@ def _defenses(args: argparse.Namespace) -> int:
 
 
 def _bench_defenses(args: argparse.Namespace) -> int:
-    from elgs.bench import run_defense_benchmark
-
-    from elgs.bench import DEFAULT_ESTIMATORS
+    from elgs.bench.defenses import DEFAULT_ESTIMATORS, run_defense_benchmark
 
     estimators = [] if args.saliency == ["none"] else (args.saliency or list(DEFAULT_ESTIMATORS))
     run_defense_benchmark(models=args.models.split(","), batch_size=args.batch_size, size=args.size,
@@ -295,6 +293,6 @@ def add_commands(subparsers) -> None:
     bench_defenses.add_argument("--json", help="write the results as JSON")
     bench_defenses.set_defaults(handler=_bench_defenses)
 
-    from elgs.loadbench import add_bench_service
+    from elgs.bench.service import add_bench_service
 
     add_bench_service(bench_sub)

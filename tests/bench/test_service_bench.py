@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from elgs.loadbench import (
+from elgs.bench.service import (
     LevelResult,
     combine_floors,
     engine_throughput,
@@ -180,7 +180,7 @@ def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path, monkeyp
 def test_registers_as_a_bench_action():
     import argparse
 
-    from elgs.loadbench import add_bench_service, handle
+    from elgs.bench.service import add_bench_service, handle
 
     parser = argparse.ArgumentParser(prog="elgs")
     bench = parser.add_subparsers(dest="command").add_parser("bench")

@@ -279,7 +279,7 @@ def model_floor_in_subprocess(model: str, *, image_size: int, batch_sizes: Seque
     arguments = {"model": model, "image_size": image_size, "batch_sizes": list(batch_sizes),
                  "duration_s": duration_s, "method": method, "weights": weights, "device": device,
                  "input_size": input_size, "saliency": saliency}
-    code = "import sys; from elgs.loadbench import _floor_process; _floor_process(sys.argv[1])"
+    code = "import sys; from elgs.bench.service import _floor_process; _floor_process(sys.argv[1])"
     completed = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env=env, capture_output=True,
                                text=True, timeout=duration_s * len(batch_sizes) + 600)
     if completed.returncode != 0:
@@ -482,7 +482,7 @@ def engine_throughput_in_subprocess(model: str, *, image_size: int, batch_size: 
     """
     arguments = {"model": model, "image_size": image_size, "batch_size": batch_size, "duration_s": duration_s,
                  "method": method, "weights": weights, "device": device, "input_size": input_size}
-    code = "import sys; from elgs.loadbench import _engine_process; _engine_process(sys.argv[1])"
+    code = "import sys; from elgs.bench.service import _engine_process; _engine_process(sys.argv[1])"
     completed = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env=env, capture_output=True,
                                text=True, timeout=duration_s + 600)
     if completed.returncode != 0:
