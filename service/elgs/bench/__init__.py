@@ -5,6 +5,9 @@
 - :mod:`elgs.bench.service`: HTTP throughput and latency against the hardware's floor
   (``elgs bench service``, ``benchmarks/load.py``); needs httpx and matplotlib.
 
-This package imports nothing on its own: import the module you need. Their command-line options live
-in :mod:`elgs.cli.bench`, so ``elgs --help`` works without the extra.
+Importing this package imports nothing else (it holds one constant): import the module you need.
+Their command-line options live in :mod:`elgs.cli.bench`, so ``elgs --help`` works without the extra.
 """
+
+# Concurrency levels of the service benchmark, here so the CLI builds its options without httpx.
+CONCURRENCY_LEVELS = (1, 2, 4, 8, 16, 32)
