@@ -6,6 +6,7 @@
 #   docker run --gpus all -p 8000:8000 elgs
 #   docker run --gpus all -v "$PWD/data:/data" elgs elgs attack eval --data /data ...
 #   docker build --build-arg EXTRAS=ray -t elgs:ray .   # with Ray Serve (deploy/ray/docker-compose.yml)
+#   docker build --build-arg EXTRAS=bench -t elgs:research .  # with `elgs bench` and `attack eval --plot`
 #
 # The base matches torch's CUDA build: torch 2.14.1 from PyPI is built against CUDA 13.0
 # (torch.version.cuda == "13.0"); the host needs an NVIDIA driver that supports CUDA 13.0 (>= 580).
@@ -16,7 +17,8 @@ ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 # 1: fetch the VGG16 and InceptionV3 ImageNet weights into TORCH_HOME at build time; 0: skip.
 ARG FETCH_WEIGHTS=1
-# Optional extras of elgs to install, e.g. "ray" for Ray Serve (deploy/ray/, docs/deploy.md).
+# Optional extras of elgs to install, comma-separated: "ray" for Ray Serve (deploy/ray/, docs/deploy.md),
+# "bench" for the benchmarks and plots (httpx, matplotlib). Empty: the lean runtime that `elgs serve` needs.
 ARG EXTRAS=""
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -48,7 +50,7 @@ RUN groupadd --system --gid 10001 elgs \
 WORKDIR /opt/elgs
 COPY pyproject.toml README.md ./
 COPY service ./service
-# The extras' pins are in pyproject.toml (ray[serve]==2.60.0).
+# The extras' pins are in pyproject.toml (ray[serve]==2.60.0); without EXTRAS no httpx or matplotlib.
 # hadolint ignore=DL3013
 RUN pip install . && if [ -n "$EXTRAS" ]; then pip install ".[$EXTRAS]"; fi && elgs --help > /dev/null
 

@@ -12,6 +12,6 @@ pip_install() {
     || { grep -v "^WARNING: Location" "$log" >&2; return 1; }
 }
 pip_install torch==2.14.1 torchvision==0.29.1
-pip_install -e '.[test,ray]'   # ray: tests/ray runs Ray Serve (~45 s more to install)
+pip_install -e '.[test,ray]'   # test includes the bench packages (httpx, matplotlib); ray: tests/ray runs Ray Serve (~45 s more)
 rm -f "$log"
 "$venv/bin/python" -c "import elgs, torch, torchvision, efficientnet_lite_pytorch, fastapi, pytest"

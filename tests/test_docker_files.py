@@ -116,6 +116,16 @@ def test_weights_are_fetched_at_build_time_unless_skipped():
     assert image_env()["TORCH_HOME"]
 
 
+def test_the_image_is_the_lean_runtime_unless_extras_are_asked_for():
+    """Plain `pip install .` (no httpx, no matplotlib); `--build-arg EXTRAS=bench` (or ray, or both) adds them."""
+    assert build_args()["EXTRAS"] == '""'
+    (install,) = [arguments for keyword, arguments in dockerfile_instructions()
+                  if keyword == "RUN" and "pip install ." in arguments]
+    steps = [step.strip() for step in install.split("&&")]
+    assert steps[0] == "pip install ." and steps[1] == 'if [ -n "$EXTRAS" ]; then pip install ".[$EXTRAS]"; fi'
+    assert "--build-arg EXTRAS=bench" in DOCKERFILE.read_text()
+
+
 def test_dockerignore_keeps_the_context_small():
     lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
     assert lines[lines.index("**")] == "**"  # everything excluded first, then what the build copies

@@ -47,7 +47,7 @@ def test_local_weights_file_loaded_with_weights_only(tmp_path, monkeypatch):
     monkeypatch.setenv("ELGS_WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(WeightsUnavailableError):
         load_model("tiny_linear", device="cpu", allow_download=False)
-    from elgs.commands import zoo_options
+    from elgs.cli._common import zoo_options
 
     monkeypatch.setenv("ELGS_ALLOW_DOWNLOAD", "0")
     monkeypatch.setenv("ELGS_DEVICE", "cpu")

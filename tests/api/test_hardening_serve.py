@@ -10,12 +10,12 @@ from elgs.cli import main
 @pytest.fixture
 def served(monkeypatch):
     """Run ``elgs serve`` with the tiny model and uvicorn.run replaced; the kwargs uvicorn got."""
-    import elgs.api.commands
+    import elgs.cli.serve
     import uvicorn
 
     calls = []
     # serve checks the names without loading (the app loads in its compute threads): uvicorn never runs here.
-    monkeypatch.setattr(elgs.api.commands, "check_loadable", lambda settings: None)
+    monkeypatch.setattr(elgs.cli.serve, "check_loadable", lambda settings: None)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
     for name in ("ELGS_MAX_CONNECTIONS", "ELGS_MODELS"):
         monkeypatch.delenv(name, raising=False)

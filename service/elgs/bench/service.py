@@ -18,12 +18,12 @@ uploaded as PNG; the floor and the engine run on the same photographs already de
 so HTTP/floor is the price of the service layer (upload, decode, queueing, defences, PNG and
 base64 encoding of the two result images, JSON) and of sharing the CPUs with the load generator.
 
-Run ``python benchmarks/load.py`` or ``elgs bench service`` (same arguments).
+Run ``python benchmarks/load.py`` or ``elgs bench service`` (same options, :mod:`elgs.cli.bench`); needs
+the ``bench`` extra (httpx, matplotlib): ``pip install 'elgs[bench]'``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
@@ -42,10 +42,11 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from elgs.bench import CONCURRENCY_LEVELS
+
 if TYPE_CHECKING:
     from elgs.models import LoadedModel
 
-CONCURRENCY_LEVELS = (1, 2, 4, 8, 16, 32)
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "cat")
 RATIO_CONCURRENCY = 8
 
@@ -279,7 +280,7 @@ def model_floor_in_subprocess(model: str, *, image_size: int, batch_sizes: Seque
     arguments = {"model": model, "image_size": image_size, "batch_sizes": list(batch_sizes),
                  "duration_s": duration_s, "method": method, "weights": weights, "device": device,
                  "input_size": input_size, "saliency": saliency}
-    code = "import sys; from elgs.loadbench import _floor_process; _floor_process(sys.argv[1])"
+    code = "import sys; from elgs.bench.service import _floor_process; _floor_process(sys.argv[1])"
     completed = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env=env, capture_output=True,
                                text=True, timeout=duration_s * len(batch_sizes) + 600)
     if completed.returncode != 0:
@@ -482,7 +483,7 @@ def engine_throughput_in_subprocess(model: str, *, image_size: int, batch_size: 
     """
     arguments = {"model": model, "image_size": image_size, "batch_size": batch_size, "duration_s": duration_s,
                  "method": method, "weights": weights, "device": device, "input_size": input_size}
-    code = "import sys; from elgs.loadbench import _engine_process; _engine_process(sys.argv[1])"
+    code = "import sys; from elgs.bench.service import _engine_process; _engine_process(sys.argv[1])"
     completed = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env=env, capture_output=True,
                                text=True, timeout=duration_s + 600)
     if completed.returncode != 0:
@@ -682,76 +683,3 @@ def _input_size(model: str) -> int:
     from elgs.models import get_model_spec
 
     return get_model_spec(model).input_size
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark's options, shared by ``benchmarks/load.py`` and ``elgs bench service``."""
-    parser.add_argument("--model", "--models", dest="model", default="efficientnet_lite0",
-                        help="model the servers load (default efficientnet_lite0)")
-    parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"])
-    parser.add_argument("--method", default="slgs", help="defence to request (default slgs)")
-    parser.add_argument("--saliency", default=None, metavar="SPEC",
-                        help="?saliency= of the requests, e.g. gradient (default: the model's estimator); the floor's "
-                             "gradient pass carries as many copies per image")
-    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY_LEVELS)),
-                        help="comma list of concurrency levels (default 1,2,4,8,16,32)")
-    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per level (default 8)")
-    parser.add_argument("--url", default=None, help="benchmark this running server instead of starting two")
-    parser.add_argument("--api-key", default=os.environ.get("ELGS_API_KEY"), help="default $ELGS_API_KEY")
-    parser.add_argument("--max-batch-size", type=int, default=None,
-                        help="max_batch_size of the batching-on server (default: the server's)")
-    parser.add_argument("--engine", dest="engine", action="store_true", default=False,
-                        help="also measure the engine alone (with the defences) as a second line, interleaved "
-                             "with HTTP windows at concurrency 8")
-    parser.add_argument("--no-engine", dest="engine", action="store_false", help="skip the engine alone (default)")
-    parser.add_argument("--no-floor", dest="floor", action="store_false",
-                        help="skip the model-alone floor (then no ratios)")
-    parser.add_argument("--omp-wait-policy", default="",
-                        help="OMP_WAIT_POLICY of servers and engine (default '': inherit this environment's, as a "
-                             "user's server runs; PASSIVE helps on a machine busy with other work)")
-    parser.add_argument("--ratio-rounds", type=int, default=3,
-                        help="alternating engine / HTTP windows for the ratio at concurrency 8 (default 3)")
-    parser.add_argument("--device", default=None, help="ELGS_DEVICE for servers and engine")
-    parser.add_argument("--input-size", type=int, default=None, help="ELGS_INPUT_SIZE for servers and engine")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for service_load.json / .png")
-
-
-def handle(args: argparse.Namespace) -> int:
-    """Run the benchmark from parsed :func:`add_arguments` options."""
-    try:
-        levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
-    except ValueError:
-        levels = []
-    if not levels or min(levels) < 1:
-        from elgs.cli import CommandError
-
-        raise CommandError(f"--concurrency must be a comma list of positive integers, got {args.concurrency!r}")
-    run_service_benchmark(model=args.model, weights=args.weights, method=args.method, concurrency=levels,
-                          duration_s=args.duration, url=args.url, api_key=args.api_key,
-                          batched_max_batch_size=args.max_batch_size, engine=args.engine, out_dir=args.out,
-                          device=args.device, input_size=args.input_size, ratio_rounds=args.ratio_rounds,
-                          omp_wait_policy=args.omp_wait_policy or None, floor=args.floor, saliency=args.saliency)
-    return 0
-
-
-def add_bench_service(bench_subparsers) -> None:
-    """Register ``elgs bench service`` in the ``bench`` group's sub-parsers (called from elgs.commands)."""
-    parser = bench_subparsers.add_parser(
-        "service", help="HTTP throughput and latency vs concurrency, batching on/off, engine ceiling",
-        description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    parser.set_defaults(handler=handle)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/load.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    from elgs.cli import CommandError
-
-    try:
-        return handle(args)
-    except CommandError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2

@@ -2,7 +2,7 @@
 
 import torch
 
-from elgs.bench import benchmark_estimators
+from elgs.bench.defenses import benchmark_estimators
 from tests.conftest import make_tiny_model
 
 

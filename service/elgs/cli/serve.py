@@ -1,13 +1,17 @@
-"""``elgs serve``: run the HTTP service with uvicorn."""
+"""``elgs serve``: run the HTTP service with uvicorn, or on Ray Serve with ``--ray``.
+
+Its options override :class:`elgs.api.Settings` (``ELGS_*``), so ``--weights``/``--device`` default to
+the settings rather than coming from :func:`elgs.cli._common.model_arguments`.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from elgs.cli import CommandError
+from elgs.cli._common import CommandError
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="run the HTTP service (uvicorn)",
         description="Serve POST /classify, /defend/{method}, /saliency and the web page at /. Options not given "

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from elgs.loadbench import (
+from elgs.bench.service import (
     LevelResult,
     combine_floors,
     engine_throughput,
@@ -17,12 +17,12 @@ from elgs.loadbench import (
     floor_summary,
     format_table,
     interleaved_ratio,
-    main,
     model_floor,
     percentile,
     run_level,
     sample_uploads,
 )
+from elgs.cli import main
 from tests.client.servers import live_tiny_server
 from tests.conftest import make_tiny_model
 
@@ -154,7 +154,7 @@ def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path, monkeyp
     # The servers' OMP_WAIT_POLICY (PASSIVE) is this environment's too, so one floor run each time; and
     # torch's default spinning threads crawl on a busy test machine.
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    exit_code = main(["--weights", "random", "--input-size", "64", "--concurrency", "2", "--duration", "0.2",
+    exit_code = main(["bench", "service", "--weights", "random", "--input-size", "64", "--concurrency", "2", "--duration", "0.2",
                       "--method", "wlgs", "--no-engine", "--out", str(tmp_path)])
     assert exit_code == 0
     document = json.loads((tmp_path / "service_load.json").read_text())
@@ -174,17 +174,49 @@ def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path, monkeyp
     assert all(row["cpu_ms_per_image"] > 0 for row in document["floor"]["before"])
     assert (document["model"], document["weights"], document["image_size"]) == ("efficientnet_lite0", "random", 64)
     assert (tmp_path / "service_load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["--concurrency", "0,x"]) == 2
+    assert main(["bench", "service", "--concurrency", "0,x"]) == 2
 
 
 def test_registers_as_a_bench_action():
-    import argparse
+    from elgs.cli import build_parser
+    from elgs.cli.bench import bench_service
 
-    from elgs.loadbench import add_bench_service, handle
-
-    parser = argparse.ArgumentParser(prog="elgs")
-    bench = parser.add_subparsers(dest="command").add_parser("bench")
-    add_bench_service(bench.add_subparsers(dest="bench_command"))
-    args = parser.parse_args(["bench", "service", "--concurrency", "1,8", "--url", "http://127.0.0.1:1", "--no-engine"])
-    assert args.handler is handle and (args.concurrency, args.url, args.engine) == ("1,8", "http://127.0.0.1:1", False)
+    args = build_parser().parse_args(["bench", "service", "--concurrency", "1,8", "--url", "http://127.0.0.1:1",
+                                      "--no-engine"])
+    assert args.handler is bench_service and (args.concurrency, args.url, args.engine) == ("1,8", "http://127.0.0.1:1", False)
     assert (args.model, args.method, args.duration) == ("efficientnet_lite0", "slgs", 8.0)
+
+
+def _load_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "load.py"
+    spec = importlib.util.spec_from_file_location("load_benchmark_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _help(run, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_the_script_and_the_command_take_the_same_options(capsys, monkeypatch):
+    """benchmarks/load.py and `elgs bench service` share elgs.cli.bench.add_service_arguments and its
+    checks; the command's description is the first paragraph of elgs.bench.service's docstring."""
+    import elgs.bench.service
+    from elgs.cli.bench import SERVICE_SUMMARY
+
+    monkeypatch.setenv("COLUMNS", "120")
+    script = _load_script()
+    script_help = _help(script.main, capsys)
+    command_help = _help(lambda argv: main(["bench", "service", *argv]), capsys)
+    assert script_help.startswith("usage: benchmarks/load.py") and elgs.bench.service.__doc__.strip()[:60] in script_help
+    assert script_help.split("\noptions:\n")[1] == command_help.split("\noptions:\n")[1]
+    assert SERVICE_SUMMARY == " ".join(elgs.bench.service.__doc__.split("\n\n")[0].split()) in command_help
+    assert script.main(["--concurrency", "0,x"]) == 2
+    assert "error: --concurrency must be a comma list of positive integers" in capsys.readouterr().err

@@ -1,46 +1,15 @@
-"""CLI: ``elgs attack train``, ``elgs attack eval`` and ``elgs data samples``."""
+"""``elgs attack train|eval``: train adversarial patches and evaluate the defences against them."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from elgs.cli import CommandError
+from elgs.cli._common import BENCH_EXTRA, CommandError, load_model_or_fail, model_arguments, positive_int
 from elgs.defenses import DEFAULT_THRESHOLD, DEFENSES
-from elgs.models import MODELS
 
 DEFAULT_METHODS = "none,lgs,slgs,wlgs,jpeg,median,gaussian"
 DEFAULT_LAMBDAS = "2.3,2.7,3.5"
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1; anything else is a one-line usage error naming the option."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
-def _load_model(name: str, weights: str, device: str | None, input_size: int | None):
-    from elgs.commands import zoo_options
-    from elgs.models import WeightsUnavailableError, load_model
-
-    try:
-        return load_model(name, weights=weights, input_size=input_size, **zoo_options(device))
-    except (WeightsUnavailableError, ValueError, KeyError) as error:
-        raise CommandError(str(error)) from None
-
-
-def _model_arguments(parser: argparse.ArgumentParser, default: str | None = "efficientnet_lite0") -> None:
-    parser.add_argument("--model", default=default, choices=list(MODELS),
-                        help="zoo model" + (f" (default {default})" if default else " (default: the patch's)"))
-    parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"],
-                        help="'random' is for development only")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: $ELGS_DEVICE, else CUDA if present)")
 
 
 def _load_data(root: str, model, image_size: int):
@@ -68,7 +37,7 @@ def _attack_train(args: argparse.Namespace) -> int:
     from elgs.attacks.data import resolve_target
     from elgs.attacks.train import AttackConfig, save_patch, train_patch
 
-    model = _load_model(args.model, args.weights, args.device, args.image_size)
+    model = load_model_or_fail(args, input_size=args.image_size)
     try:
         target = resolve_target(args.target, model.labels)
         config = AttackConfig(
@@ -136,7 +105,7 @@ def _attack_eval(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     model_name = args.model or patches[0].model or "efficientnet_lite0"
     image_size = args.image_size or patches[0].image_size
-    model = _load_model(model_name, args.weights, args.device, image_size)
+    model = load_model_or_fail(args, name=model_name, input_size=image_size)
     for spec in patches:
         if spec.target is None:
             raise CommandError(f"{spec.path}: no JSON sidecar names the target; pass --target")
@@ -158,28 +127,14 @@ def _attack_eval(args: argparse.Namespace) -> int:
         write_report(report, args.json)
         print(f"results written to {args.json}")
     if args.plot:
-        plot_accuracy(report, args.plot)
-        print(f"plot written to {args.plot}")
-    return 0
-
-
-def _data_samples(args: argparse.Namespace) -> int:
-    from elgs.attacks.data import make_sample_set
-
-    model = _load_model(args.model, args.weights, args.device, args.image_size)
-    try:
-        report = make_sample_set(args.out, model, train=args.train, heldout=args.heldout, seed=args.seed,
-                                 min_area=args.min_area, min_confidence=args.min_confidence, split=args.split)
-    except ValueError as error:
-        raise CommandError(str(error)) from None
-    print(f"{report.train} training and {report.heldout} held-out crops ({report.classes} distinct "
-          f"{model.name} classes) written to {report.root}/train and {report.root}/heldout")
-    labels = json.loads((report.root / "train" / "labels.json").read_text())["labels"]
-    counts: dict[str, int] = {}
-    for entry in labels.values():
-        counts[entry["label"]] = counts.get(entry["label"], 0) + 1
-    common = sorted(counts.items(), key=lambda item: -item[1])[:5]
-    print("most common training labels: " + ", ".join(f"{label} ({n})" for label, n in common))
+        try:
+            plot_accuracy(report, args.plot)
+        except ImportError as error:  # matplotlib comes with the bench extra; the numbers are out already
+            if not (error.name or "").startswith("matplotlib"):
+                raise
+            print(f"no plot: {args.plot} needs matplotlib, {BENCH_EXTRA}")
+        else:
+            print(f"plot written to {args.plot}")
     return 0
 
 
@@ -195,18 +150,18 @@ def add_commands(subparsers) -> None:
     )
     train.add_argument("--attack", default="lavan", choices=["lavan", "patch"],
                        help="lavan: square, z_target - z_source; patch: circle, EoT, cross entropy (default lavan)")
-    _model_arguments(train)
+    model_arguments(train, default="efficientnet_lite0", input_size=False)
     train.add_argument("--target", required=True, help="target class: index or ImageNet class name (e.g. toaster)")
     train.add_argument("--data", required=True, help="ImageNet-layout folder or a folder of images")
     train.add_argument("--out", default="patch.png", help="patch PNG; the JSON sidecar goes beside it (default patch.png)")
-    train.add_argument("--patch-size", type=_positive_int, default=52, help="patch side in pixels (default 52)")
-    train.add_argument("--image-size", type=_positive_int, default=None,
+    train.add_argument("--patch-size", type=positive_int, default=52, help="patch side in pixels (default 52)")
+    train.add_argument("--image-size", type=positive_int, default=None,
                        help="image side (default: the model's; the paper: 400)")
     train.add_argument("--placement", default="fixed", choices=["fixed", "random"],
                        help="fixed: top-right, 10 px in (the test placement); random: anywhere (default fixed)")
-    train.add_argument("--epochs", type=_positive_int, default=200, help="epochs (default 200, as the paper)")
-    train.add_argument("--batches-per-epoch", type=_positive_int, default=50, help="batches per epoch (default 50)")
-    train.add_argument("--batch-size", type=_positive_int, default=20, help="images per batch (default 20)")
+    train.add_argument("--epochs", type=positive_int, default=200, help="epochs (default 200, as the paper)")
+    train.add_argument("--batches-per-epoch", type=positive_int, default=50, help="batches per epoch (default 50)")
+    train.add_argument("--batch-size", type=positive_int, default=20, help="images per batch (default 20)")
     train.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
                        help="sgd: momentum with the paper's schedule; adam: constant lr (default sgd)")
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: 1 for sgd, 0.1 for adam)")
@@ -237,8 +192,8 @@ def add_commands(subparsers) -> None:
     )
     evaluate.add_argument("--data", required=True, help="ImageNet-layout folder or a folder of images")
     evaluate.add_argument("--patch", required=True, nargs="+", help="patch PNG(s); their JSON sidecars give the target")
-    _model_arguments(evaluate, default=None)
-    evaluate.add_argument("--image-size", type=_positive_int, default=None, help="image side (default: the patch's)")
+    model_arguments(evaluate, default=None, input_size=False)
+    evaluate.add_argument("--image-size", type=positive_int, default=None, help="image side (default: the patch's)")
     evaluate.add_argument("--target", default=None, help="target class, when a patch has no sidecar")
     evaluate.add_argument("--shape", default=None, choices=["square", "circle"], help="patch shape (default: sidecar's)")
     evaluate.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list (default {DEFAULT_METHODS})")
@@ -252,31 +207,11 @@ def add_commands(subparsers) -> None:
                                "(default: the model's own, as the service)")
     evaluate.add_argument("--attack-threshold", type=float, default=None,
                           help="attack-score threshold in [0, 2] for every row (default: the model's calibrated ones)")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="requests per engine batch (default 16)")
-    evaluate.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N images only")
+    evaluate.add_argument("--batch-size", type=positive_int, default=16, help="requests per engine batch (default 16)")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N images only")
     evaluate.add_argument("--seed", type=int, default=0, help="seeds random placements")
     evaluate.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
     evaluate.add_argument("--json", default=None, help="write all numbers as JSON")
     evaluate.add_argument("--plot", default=None, help="write accuracy vs lambda (PNG)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(handler=_attack_eval)
-
-    data = subparsers.add_parser("data", help="data sets for attacks")
-    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    samples = data_sub.add_parser(
-        "samples", help="build an offline image set from scikit-image's photographs",
-        description="Random crops and flips of scikit-image's photographs, labelled by the model, split into "
-                    "OUT/train and OUT/heldout (each with labels.json).",
-    )
-    samples.add_argument("--out", required=True, help="folder to write")
-    _model_arguments(samples)
-    samples.add_argument("--image-size", type=_positive_int, default=None, help="crop side (default: the model's)")
-    samples.add_argument("--train", type=_positive_int, default=200, help="training crops (default 200)")
-    samples.add_argument("--heldout", type=int, default=100, help="held-out crops (default 100)")
-    samples.add_argument("--split", default="crops", choices=["crops", "photos"],
-                         help="crops: held-out crops of the same photos; photos: of disjoint photos (default crops)")
-    samples.add_argument("--min-area", type=float, default=0.3, help="smallest crop as a fraction of the photo's area (default 0.3)")
-    samples.add_argument("--min-confidence", type=float, default=0.3,
-                         help="redraw crops whose top-1 probability is below this (default 0.3; 0 keeps all)")
-    samples.add_argument("--seed", type=int, default=0, help="seeds the crops, flips and split (default 0)")
-    samples.set_defaults(handler=_data_samples)

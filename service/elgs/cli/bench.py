@@ -1,0 +1,115 @@
+"""``elgs bench defenses|service``: the options here, the benchmarks in :mod:`elgs.bench`.
+
+The parsers are built without the ``bench`` extra (``elgs --help`` works on a lean install); the
+handlers import :mod:`elgs.bench` when they run and, when httpx or matplotlib is missing, say
+``pip install 'elgs[bench]'``. :func:`add_service_arguments` is shared with ``benchmarks/load.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from elgs.bench import CONCURRENCY_LEVELS
+from elgs.cli._common import BENCH_EXTRA, CommandError
+
+# The first paragraph of elgs.bench.service's docstring (tests/bench check that they agree).
+SERVICE_SUMMARY = ("Service load benchmark (design.md, section 8): HTTP throughput and latency against the hardware's "
+                   "floor.")
+
+
+def require_bench_extra(what: str) -> None:
+    """Raise CommandError naming the extra when httpx or matplotlib cannot be imported."""
+    try:
+        import httpx  # noqa: F401
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise CommandError(f"{what} needs httpx and matplotlib: {BENCH_EXTRA} ({error})") from None
+
+
+def _bench_defenses(args: argparse.Namespace) -> int:
+    try:
+        from elgs.bench.defenses import DEFAULT_ESTIMATORS, run_defense_benchmark
+    except ImportError as error:
+        raise CommandError(f"cannot import the defence benchmark: {error} ({BENCH_EXTRA} installs what the "
+                           "benchmarks need)") from None
+
+    estimators = [] if args.saliency == ["none"] else (args.saliency or list(DEFAULT_ESTIMATORS))
+    run_defense_benchmark(models=args.models.split(","), batch_size=args.batch_size, size=args.size,
+                          repeats=args.repeats, device=args.device, json_path=args.json, estimators=estimators)
+    return 0
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    """The service benchmark's options, shared by ``benchmarks/load.py`` and ``elgs bench service``."""
+    parser.add_argument("--model", "--models", dest="model", default="efficientnet_lite0",
+                        help="model the servers load (default efficientnet_lite0)")
+    parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"])
+    parser.add_argument("--method", default="slgs", help="defence to request (default slgs)")
+    parser.add_argument("--saliency", default=None, metavar="SPEC",
+                        help="?saliency= of the requests, e.g. gradient (default: the model's estimator); the floor's "
+                             "gradient pass carries as many copies per image")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY_LEVELS)),
+                        help="comma list of concurrency levels (default 1,2,4,8,16,32)")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per level (default 8)")
+    parser.add_argument("--url", default=None, help="benchmark this running server instead of starting two")
+    parser.add_argument("--api-key", default=os.environ.get("ELGS_API_KEY"), help="default $ELGS_API_KEY")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="max_batch_size of the batching-on server (default: the server's)")
+    parser.add_argument("--engine", dest="engine", action="store_true", default=False,
+                        help="also measure the engine alone (with the defences) as a second line, interleaved "
+                             "with HTTP windows at concurrency 8")
+    parser.add_argument("--no-engine", dest="engine", action="store_false", help="skip the engine alone (default)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the model-alone floor (then no ratios)")
+    parser.add_argument("--omp-wait-policy", default="",
+                        help="OMP_WAIT_POLICY of servers and engine (default '': inherit this environment's, as a "
+                             "user's server runs; PASSIVE helps on a machine busy with other work)")
+    parser.add_argument("--ratio-rounds", type=int, default=3,
+                        help="alternating engine / HTTP windows for the ratio at concurrency 8 (default 3)")
+    parser.add_argument("--device", default=None, help="ELGS_DEVICE for servers and engine")
+    parser.add_argument("--input-size", type=int, default=None, help="ELGS_INPUT_SIZE for servers and engine")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for service_load.json / .png")
+
+
+def bench_service(args: argparse.Namespace) -> int:
+    """Run the service benchmark from parsed :func:`add_service_arguments` options."""
+    try:
+        levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise CommandError(f"--concurrency must be a comma list of positive integers, got {args.concurrency!r}")
+    require_bench_extra("the service benchmark")
+    from elgs.bench.service import run_service_benchmark
+
+    run_service_benchmark(model=args.model, weights=args.weights, method=args.method, concurrency=levels,
+                          duration_s=args.duration, url=args.url, api_key=args.api_key,
+                          batched_max_batch_size=args.max_batch_size, engine=args.engine, out_dir=args.out,
+                          device=args.device, input_size=args.input_size, ratio_rounds=args.ratio_rounds,
+                          omp_wait_policy=args.omp_wait_policy or None, floor=args.floor, saliency=args.saliency)
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+    bench_defenses = bench_sub.add_parser(
+        "defenses", help="defence-op time over model-pass time per method, measured in one run")
+    bench_defenses.add_argument("--models", default="efficientnet_lite0,vgg16:random",
+                                help="comma list of MODEL or MODEL:random (default efficientnet_lite0,vgg16:random)")
+    bench_defenses.add_argument("--batch-size", type=int, default=4)
+    bench_defenses.add_argument("--size", type=int, default=224)
+    bench_defenses.add_argument("--repeats", type=int, default=5)
+    bench_defenses.add_argument("--device", default=None)
+    bench_defenses.add_argument("--saliency", action="append", metavar="SPEC",
+                                help="saliency estimator to time as /defend/slgs batches (repeatable; default: "
+                                     "gradient, rectified, smoothgrad n=4 and n=8; 'none' skips these rows)")
+    bench_defenses.add_argument("--json", help="write the results as JSON")
+    bench_defenses.set_defaults(handler=_bench_defenses)
+
+    service = bench_sub.add_parser(
+        "service", help="HTTP throughput and latency vs concurrency, batching on/off, engine ceiling",
+        description=SERVICE_SUMMARY)
+    add_service_arguments(service)
+    service.set_defaults(handler=bench_service)

@@ -1,0 +1,107 @@
+"""``elgs defend IMAGE``: classify one image, defend it, classify the defended image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from elgs.cli._common import CommandError, load_model_or_fail, model_arguments
+from elgs.defenses import DEFENSES, LAMBDA_RANGE
+
+
+def _format_predictions(title_left: str, left, title_right: str, right) -> str:
+    width = 34
+    lines = [f"   {title_left:<{width}}  {title_right}"]
+    for rank in range(max(len(left), len(right or []))):
+        cells = []
+        for column in (left, right):
+            if column and rank < len(column):
+                p = column[rank]
+                cells.append(f"{p.label[:24]:<24} {p.score:8.4f}")
+            else:
+                cells.append("")
+        lines.append(f"{rank + 1}. {cells[0]:<{width}}  {cells[1]}")
+    return "\n".join(lines)
+
+
+def _defend(args: argparse.Namespace) -> int:
+    from elgs.engine import Engine, InvalidParameterError, Request, UnknownMethodError
+    from elgs.images import ImageDecodeError, ImageTooLargeError, encode_png, image_to_tensor, open_image
+
+    if args.method not in DEFENSES:
+        raise CommandError(f"unknown method {args.method!r}; choose one of {', '.join(DEFENSES)}")
+    try:
+        image = open_image(args.image)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    except (ImageDecodeError, ImageTooLargeError) as error:
+        raise CommandError(f"{args.image}: {error}") from None
+    model = load_model_or_fail(args)
+    engine = Engine(model)
+    request = Request(image=image_to_tensor(image, model.input_size), task="defend", method=args.method,
+                      lam=args.lam, threshold=args.threshold, saliency=args.saliency,
+                      attack_threshold=args.attack_threshold)
+    try:
+        (result,) = engine.run([request])
+    except (InvalidParameterError, UnknownMethodError) as error:
+        raise CommandError(str(error)) from None
+    parameters = ", ".join(f"{k} {v:g}" for k, v in (("lambda", result.lam), ("threshold", result.threshold))
+                           if v is not None)
+    print(f"model {model.name} ({model.weights} weights, {model.device}), input {model.input_size}x{model.input_size}")
+    print(f"method {args.method}" + (f" ({parameters})" if parameters else ""))
+    if result.saliency_method:
+        print(f"saliency {result.saliency_method}")
+    print(_format_predictions("original", result.predictions, f"defended ({args.method})",
+                              result.defended_predictions))
+    print(_verdict(result))
+    if args.out:
+        Path(args.out).write_bytes(encode_png(result.image))
+        print(f"defended image written to {args.out}")
+    if args.mask_out:
+        Path(args.mask_out).write_bytes(encode_png(result.mask))
+        print(f"mask written to {args.mask_out}")
+    if args.json:
+        payload = {
+            "model": model.name, "weights": model.weights, "method": args.method,
+            "lambda": result.lam, "threshold": result.threshold,
+            "saliency": result.saliency_method,
+            "original_predictions": [p.__dict__ for p in result.predictions],
+            "predictions": [p.__dict__ for p in result.defended_predictions],
+            "attack_score": result.attack_score, "attack_threshold": result.attack_threshold,
+            "attacked": result.attacked, "final_predictions": [p.__dict__ for p in result.final_predictions],
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+def _verdict(result) -> str:
+    """One line: the attack score, the threshold and which top-5 to use."""
+    final = result.final_predictions[0].label if result.final_predictions else "?"
+    if result.attacked is None:
+        return (f"attack score {result.attack_score:.4f} (no calibrated threshold: run `elgs calibrate` or pass "
+                f"--attack-threshold); final: the defended answer, {final}")
+    verdict = "ATTACKED, final: the defended answer" if result.attacked else "clean, final: the original answer"
+    return f"attack score {result.attack_score:.4f}, threshold {result.attack_threshold:.4f}: {verdict}, {final}"
+
+
+def add_commands(subparsers) -> None:
+    defend = subparsers.add_parser(
+        "defend", help="defend one image and print both top-5 lists",
+        description="Classify IMAGE, apply a defence, classify the defended image; print both top-5 lists.",
+    )
+    defend.add_argument("image", metavar="IMAGE", help="image file, or skimage:NAME for a scikit-image photo")
+    model_arguments(defend, default="vgg16")
+    defend.add_argument("--method", default="slgs", help=f"one of {', '.join(DEFENSES)} (default slgs)")
+    defend.add_argument("--lambda", dest="lam", type=float, default=None,
+                        help=f"smoothing factor in [{LAMBDA_RANGE[0]:g}, {LAMBDA_RANGE[1]:g}] (default: the model's)")
+    defend.add_argument("--threshold", type=float, default=None, help="block threshold in [0, 1] (default 0.2)")
+    defend.add_argument("--saliency", default=None, metavar="SPEC",
+                        help="saliency estimator for slgs/wlgs, NAME[:key=value,...], e.g. "
+                             "smoothgrad:n=4,sigma=0.2,rectify=true (default: the model's; see `elgs defenses`)")
+    defend.add_argument("--attack-threshold", type=float, default=None,
+                        help="attack-score threshold in [0, 2] (default: the model's calibrated one)")
+    defend.add_argument("--out", help="write the defended image (PNG)")
+    defend.add_argument("--mask-out", help="write the applied mask (8-bit PNG)")
+    defend.add_argument("--json", help="write both top-5 lists, the attack score and the verdict as JSON")
+    defend.set_defaults(handler=_defend)
