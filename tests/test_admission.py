@@ -184,3 +184,25 @@ async def test_queued_requests_that_a_slower_batch_makes_late_are_refused_at_onc
     finally:
         gate.opened.set()
         await batcher.close()
+
+
+async def test_expected_wait_packs_the_queue_by_pass_one_rows():
+    """Three queued SmoothGrad n=8 requests with 16 rows a batch: two batches, not one of four."""
+    model, gate = gated_tiny_model()
+    batcher = await _batcher(model, max_batch_size=4, max_batch_rows=16, max_wait_ms=0, request_timeout_s=100)
+    batcher._trace.add(1.0)
+    smooth = Request(image=torch.rand(3, 32, 32), method="slgs", saliency="smoothgrad:n=8")
+    try:
+        gate.opened.clear()
+        computing = asyncio.ensure_future(batcher.submit(_request()))
+        assert await asyncio.to_thread(gate.entered.wait, 10)
+        queued = [asyncio.ensure_future(batcher.submit(smooth)) for _ in range(3)]
+        await asyncio.sleep(0)
+        # 1 computing + [8, 8] [8, +itself at the queue's mean 8] = 1 + 2 batches
+        assert batcher.depth == 3 and batcher.expected_wait_s() == 3.0
+        assert batcher.expected_wait_s(ahead=1) == 2.0  # [8, itself]
+        gate.opened.set()
+        await asyncio.wait_for(asyncio.gather(computing, *queued), 30)
+    finally:
+        gate.opened.set()
+        await batcher.close()

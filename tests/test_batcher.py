@@ -216,3 +216,41 @@ def test_constructor_rejects_bad_settings(tiny_model):
         Batcher(Engine(tiny_model), max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue"):
         Batcher(Engine(tiny_model), max_queue=0)
+
+
+async def test_batches_close_at_max_batch_rows_counting_smoothgrad_copies(tiny_model, photos):
+    """SmoothGrad n=8 adds 8 rows to pass 1: with 16 rows a batch, they go two by two; plain requests four."""
+    recorder = BatchRecorder(tiny_model.module)
+    batcher = Batcher(Engine(tiny_model), max_batch_size=4, max_batch_rows=16, max_wait_ms=2000, hooks=[recorder])
+    await batcher.start()
+    image = next(iter(photos.values()))
+    smooth = [Request(image=image, method="slgs", saliency="smoothgrad:n=8,sigma=0.2") for _ in range(4)]
+    plain = [Request(image=image, method="slgs", saliency="gradient") for _ in range(4)]
+    # Queue order: 8, 8, 8, 1 | 1, 1, 8, 1: batches [8, 8], [8, 1, 1, 1], [8, 1].
+    order = [smooth[0], smooth[1], smooth[2], plain[0], plain[1], plain[2], smooth[3], plain[3]]
+    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(r) for r in order)), 20)
+    await batcher.close()
+    assert [size for size, _ in recorder.passes] == [2, 4, 2]
+    assert [r.batch_size for r in results] == [2, 2, 4, 4, 4, 4, 2, 2]
+    engine = Engine(make_tiny_model())
+    for request, result in zip(order, results):
+        _same(result, engine.run([request])[0])
+
+
+async def test_one_request_over_max_batch_rows_runs_alone(tiny_model, photos):
+    batcher = Batcher(Engine(tiny_model), max_batch_size=4, max_batch_rows=4, max_wait_ms=50)
+    await batcher.start()
+    image = next(iter(photos.values()))
+    requests = [Request(image=image, method="slgs", saliency="smoothgrad:n=8")] * 2
+    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(r) for r in requests)), 20)
+    await batcher.close()
+    assert [r.batch_size for r in results] == [1, 1]
+
+
+def test_max_batch_rows_default_follows_the_device(tiny_model):
+    from elgs.batcher import CPU_MAX_BATCH_ROWS, default_max_batch_rows
+
+    assert Batcher(Engine(tiny_model), max_batch_size=4).max_batch_rows == CPU_MAX_BATCH_ROWS == 16
+    assert default_max_batch_rows("cuda", 32) == 256 and default_max_batch_rows("cpu", 32) == 16
+    with pytest.raises(ValueError, match="max_batch_rows must be >= 1, got 0"):
+        Batcher(Engine(tiny_model), max_batch_rows=0)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from elgs.defenses import parse_saliency
 from elgs.engine import Engine, InvalidParameterError, Request, UnknownMethodError
 from tests.conftest import make_tiny_model
 
@@ -165,3 +166,27 @@ def test_attack_score_equals_the_softmax_l1_of_both_passes(tiny_model, photos):
             before = torch.softmax(tiny_model.module(tiny_model.normalize(image[None])), 1)
             after = torch.softmax(tiny_model.module(tiny_model.normalize(result.image[None])), 1)
         assert result.attack_score == pytest.approx(float((before - after).abs().sum()), abs=1e-4)
+
+
+def test_resolve_request_checks_parameters_without_an_image_and_is_idempotent():
+    import numpy as np
+
+    from elgs.engine import InvalidParameterError, ModelDefaults, resolve_request
+
+    model = ModelDefaults(name="m", input_size=32, default_lambda=2.7, default_saliency="smoothgrad:n=4")
+    resolved = resolve_request(Request(image=None, method="slgs", saliency="smoothgrad:sigma=0.3"), model)
+    assert (resolved.lam, resolved.threshold) == (2.7, 0.2)
+    assert resolved.saliency == parse_saliency("smoothgrad:n=4,sigma=0.3").spec  # n from the model's default
+    assert resolve_request(resolved, model) == resolved
+    assert resolve_request(Request(image=None, method="lgs", saliency="bogus"), model).saliency is None
+    with pytest.raises(UnknownMethodError, match="nope"):
+        resolve_request(Request(image=None, method="nope"), model)
+    with pytest.raises(InvalidParameterError, match="lambda must be a number in"):
+        resolve_request(Request(image=None, method="lgs", lam=99.0), model)
+    with pytest.raises(InvalidParameterError, match="saliency"):
+        resolve_request(Request(image=None, method="wlgs", saliency="smoothgrad:n=0"), model)
+    with pytest.raises(InvalidParameterError, match=r"uint8 of shape \(32, 32, 3\) for m, got float32"):
+        resolve_request(Request(image=np.zeros((32, 32, 3), np.float32), task="classify"), model)
+    with pytest.raises(InvalidParameterError, match=r"shape \(3, 32, 32\) for m, got \(3, 16, 16\)"):
+        resolve_request(Request(image=torch.zeros(3, 16, 16), task="classify"), model)
+    assert resolve_request(Request(image=np.zeros((32, 32, 3), np.uint8), task="classify"), model).task == "classify"

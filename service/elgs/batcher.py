@@ -1,7 +1,8 @@
 """Asyncio micro-batcher in front of the engine (design.md, section 4).
 
 One :class:`Batcher` per model. Callers ``await batcher.submit(request)`` from the event loop; the
-batcher queues the request, closes a batch when it holds ``max_batch_size`` requests or
+batcher queues the request, closes a batch when it holds ``max_batch_size`` requests, when the next
+request would take its pass 1 past ``max_batch_rows`` rows (SmoothGrad's ``n`` copies count, each), or
 ``max_wait_ms`` after its first request arrived, runs :meth:`elgs.engine.Engine.run` in the model's
 :class:`~elgs.compute.ComputeThread` (so the event loop stays free) and resolves one future per request.
 
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from elgs.compute import ComputeThread
-from elgs.engine import Engine, InvalidParameterError, Request, Result
+from elgs.engine import Engine, Request, Result, pass_one_rows, resolve_request
 from elgs.images import array_to_tensor
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,38 @@ class _Item:
     enqueued: float  # loop.time()
     deadline: float  # loop.time()
     finish: Callable[[Result], Any] | None = None
+    rows: int = 1  # rows in pass 1 (pass_one_rows)
+
+
+# Pass-1 rows per batch on the CPU (measured, issue 8: EfficientNet-Lite0 with SmoothGrad n=8 computes
+# 2.6 img/s in batches of 16 rows, 2.0 in batches of 32); on CUDA the rows of max_batch_size requests
+# of SmoothGrad n=8.
+CPU_MAX_BATCH_ROWS = 16
+CUDA_ROWS_PER_REQUEST = 8
+
+
+def default_max_batch_rows(device: torch.device | str, max_batch_size: int) -> int:
+    """The default of ``max_batch_rows``: :data:`CPU_MAX_BATCH_ROWS` on the CPU, ``8 * max_batch_size`` on CUDA."""
+    return CUDA_ROWS_PER_REQUEST * max_batch_size if torch.device(device).type == "cuda" else CPU_MAX_BATCH_ROWS
+
+
+@dataclass
+class _Packer:
+    """Packs requests, in queue order, into batches as the worker does: a batch closes at ``max_size``
+    requests or before a request that would take it past ``max_rows`` pass-1 rows."""
+
+    max_size: int
+    max_rows: int
+    batches: int = 0
+    size: int = 0
+    rows: int = 0
+
+    def add(self, rows: int) -> int:
+        """Place a request of ``rows`` rows; returns its batch number (0 for the first batch)."""
+        if self.batches == 0 or self.size == self.max_size or self.rows + rows > self.max_rows:
+            self.batches, self.size, self.rows = self.batches + 1, 0, 0
+        self.size, self.rows = self.size + 1, self.rows + rows
+        return self.batches - 1
 
 
 @dataclass
@@ -147,6 +180,9 @@ class Batcher:
     Args:
         engine: the engine of the model; ``engine.run`` is only ever called from the compute thread.
         max_batch_size: a batch closes when it holds this many requests.
+        max_batch_rows: ... or when the next request would take its pass 1 past this many rows (a request
+            adds the copies of its saliency estimator, 1 for most; one request alone may exceed it);
+            None: :func:`default_max_batch_rows` for the model's device.
         max_wait_ms: ... or this long after its first request was queued.
         max_queue: most requests waiting (not computing) at once; more raise :class:`QueueFullError`.
         request_timeout_s: default time from ``submit`` to the answer before :class:`DeadlineExceededError`.
@@ -169,6 +205,7 @@ class Batcher:
         engine: Engine,
         *,
         max_batch_size: int = 4,
+        max_batch_rows: int | None = None,
         max_wait_ms: float = 5.0,
         max_queue: int = 256,
         request_timeout_s: float = 30.0,
@@ -178,6 +215,8 @@ class Batcher:
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batch_rows is not None and max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         if max_queue < 1:
@@ -186,6 +225,8 @@ class Batcher:
             raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
         self.engine = engine
         self.max_batch_size = max_batch_size
+        self.max_batch_rows = (default_max_batch_rows(engine.model.device, max_batch_size)
+                               if max_batch_rows is None else max_batch_rows)
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
@@ -195,7 +236,6 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._compute_thread = compute
         self._torch_threads = torch_threads
-        self._image_probe: torch.Tensor | None = None  # a meta tensor: validates parameters without data
         self._trace = _BatchTrace()
         self._closed = False
         self._reserved = 0  # requests admitted by reserve() and not queued yet
@@ -239,14 +279,12 @@ class Batcher:
             return
         if self._compute_thread is None or self._compute_thread.closed:
             self._compute_thread = ComputeThread(self.model_name, self._torch_threads)
-        size = self.engine.model.input_size
-        self._image_probe = await self._compute_thread.run(torch.empty, (3, size, size), device="meta")
         self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"elgs-batcher-{self.model_name}")
 
     async def warm_up(self, requests: Sequence[Request]) -> list[Result]:
         """Run ``requests`` as one batch in the compute thread, outside the queue and the metrics, twice:
         the second run's time is the first batch time admission uses."""
-        if self._compute_thread is None or self._image_probe is None:
+        if self._compute_thread is None or not self.running:
             raise BatcherClosedError(f"the batcher of model {self.model_name!r} is not started")
         await self._compute_thread.run(lambda: self.engine.run(_with_tensors(list(requests))))
         # Timed once warm (the first run pays one-off costs): admission's first batch time.
@@ -280,18 +318,25 @@ class Batcher:
         """Seconds until a request admitted now gets its answer.
 
         The batch in compute, then the batches of the ``ahead`` requests before it (default: the
-        queued and the reserved ones) and its own, each taking the measured batch time.
+        queued and the reserved ones) and its own, each taking the measured batch time. Batches are
+        packed as the worker packs them (:meth:`_batch_length`), from the queued requests' pass-1 rows;
+        a request not queued yet counts the queued ones' mean rows (1 on an empty queue).
         """
         ahead = len(self._pending) + self._reserved if ahead is None else ahead
-        batches = self._computing + math.ceil((ahead + 1) / self.max_batch_size)
-        return batches * self._trace.seconds
+        rows = [item.rows for item in self._pending][:ahead]
+        mean = max(1, round(sum(rows) / len(rows))) if rows else 1
+        packer = self._packer()
+        for row in rows + [mean] * (ahead + 1 - len(rows)):
+            packer.add(row)
+        return (self._computing + packer.batches) * self._trace.seconds
 
     def retry_after_s(self) -> int:
         """Seconds a refused client should wait before a request with a full ``request_timeout_s`` is
         admitted, if nothing else arrives: the queue drains below ``max_queue`` and the expected wait
         falls to the timeout (at least 1)."""
         ahead = len(self._pending) + self._reserved
-        over_length = math.ceil(max(0, ahead - self.max_queue + 1) / self.max_batch_size) * self._trace.seconds
+        over_length = (self.expected_wait_s(ahead - self.max_queue) - self._computing * self._trace.seconds
+                       if ahead >= self.max_queue else 0.0)
         over_wait = self.expected_wait_s(ahead) - self.request_timeout_s
         return max(1, math.ceil(max(over_length, over_wait)))
 
@@ -342,7 +387,7 @@ class Batcher:
         """Queue ``request`` and wait for its result (or ``finish(result)``).
 
         Args:
-            request: what to compute; validated by :meth:`Engine.resolve` before it is queued. Its
+            request: what to compute; validated by :func:`elgs.engine.resolve_request` before it is queued. Its
                 ``image`` may be an RGB uint8 NumPy array (S, S, 3), converted in the compute thread.
             deadline: absolute ``time.monotonic()`` by which the answer is due
                 (default: now + ``request_timeout_s``).
@@ -356,7 +401,7 @@ class Batcher:
             BatcherClosedError: the batcher is not running.
             Exception: whatever the engine raised for this request alone.
         """
-        request = self._resolve(request)
+        request = resolve_request(request, self.engine.defaults)  # reads no pixel: no torch op here
         reservation = _current_reservation.get()
         if reservation is not None and reservation.batcher is self and not reservation.released:
             reservation.release()  # admitted already: its place passes to the queue
@@ -368,7 +413,7 @@ class Batcher:
         now = loop.time()
         timeout = self.request_timeout_s if deadline is None else deadline - time.monotonic()
         item = _Item(request=request, future=loop.create_future(), enqueued=now, deadline=now + timeout,
-                     finish=finish)
+                     finish=finish, rows=pass_one_rows(request))
         self._pending.append(item)
         self._arrived.set()
         self._notify("queue_depth", len(self._pending))
@@ -383,19 +428,6 @@ class Batcher:
         except asyncio.CancelledError:
             self._discard(item, "cancelled")
             raise
-
-    def _resolve(self, request: Request) -> Request:
-        """:meth:`Engine.resolve` without touching image data, so the event loop runs no torch op."""
-        if not isinstance(request.image, np.ndarray):
-            return self.engine.resolve(request)
-        size = self.engine.model.input_size
-        if request.image.dtype != np.uint8 or request.image.shape != (size, size, 3):
-            raise InvalidParameterError(
-                f"image array must be uint8 of shape ({size}, {size}, 3) for {self.model_name}, "
-                f"got {request.image.dtype} {request.image.shape}")
-        if self._image_probe is None:
-            raise BatcherClosedError(f"model {self.model_name!r} is not accepting requests (not started)")
-        return replace(self.engine.resolve(replace(request, image=self._image_probe)), image=request.image)
 
     def _discard(self, item: _Item, reason: str) -> None:
         """Take a request whose caller stopped waiting out of the queue, if it is still there."""
@@ -432,7 +464,7 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             close_at = self._pending[0].enqueued + self.max_wait_s
-            while self._pending and len(self._pending) < self.max_batch_size:
+            while self._pending and self._room_for_more():
                 remaining = close_at - loop.time()
                 if remaining <= 0:
                     break
@@ -441,7 +473,7 @@ class Batcher:
                     await asyncio.wait_for(self._arrived.wait(), remaining)
                 except TimeoutError:
                     break
-            taken = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+            taken = [self._pending.popleft() for _ in range(self._batch_length())]
             self._notify("queue_depth", len(self._pending))
             now = loop.time()
             # Never compute what would be answered after its deadline (the caller has a 504 by then).
@@ -459,6 +491,25 @@ class Batcher:
                 batch.append(item)
             if batch:
                 return batch
+
+    def _batch_length(self) -> int:
+        """How many queued requests the next batch takes: in order, up to ``max_batch_size`` requests and
+        ``max_batch_rows`` pass-1 rows (at least one request)."""
+        packer, taken = self._packer(), 0
+        for item in self._pending:
+            if packer.add(item.rows) > 0:
+                break
+            taken += 1
+        return taken
+
+    def _packer(self) -> _Packer:
+        return _Packer(self.max_batch_size, self.max_batch_rows)
+
+    def _room_for_more(self) -> bool:
+        """Whether the queued requests fit one batch that could still take another request."""
+        rows = sum(item.rows for item in self._pending)
+        return len(self._pending) < self.max_batch_size and rows < self.max_batch_rows \
+            and self._batch_length() == len(self._pending)
 
     async def _run(self, batch: list[_Item]) -> None:
         self._notify("batch", len(batch))
@@ -487,11 +538,15 @@ class Batcher:
             return
         now = asyncio.get_running_loop().time()
         keep: list[_Item] = []
+        packer = self._packer()
         for item in self._pending:
-            finish = now + (len(keep) // self.max_batch_size + 1) * self._trace.seconds
+            finish = now + (packer.add(item.rows) + 1) * self._trace.seconds
             if finish <= item.deadline or item.future.done():
                 keep.append(item)
                 continue
+            packer = self._packer()  # place the kept ones again: this one leaves the queue
+            for kept in keep:
+                packer.add(kept.rows)
             retry_after = max(1, math.ceil(finish - item.deadline))
             item.future.set_exception(QueueFullError(self.model_name, self.max_queue, retry_after, reason=(
                 f"model {self.model_name!r} is slower than when this request was admitted: its answer is now "

@@ -19,7 +19,6 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-TORCH_THREADS_ENV = "ELGS_TORCH_THREADS"
 COMPUTE_THREAD_PREFIX = "elgs-compute"
 
 
@@ -32,19 +31,25 @@ def available_cores() -> int:
 
 
 def torch_threads(threads: int | None = None) -> int:
-    """The intra-op thread count to use: ``threads``, else ``$ELGS_TORCH_THREADS``, else the available cores.
+    """The intra-op thread count to use: ``threads``, else the ``torch_threads`` setting
+    (``$ELGS_TORCH_THREADS``, read by :class:`elgs.settings.Settings`), else the available cores.
 
     Raises:
         ValueError: the value is not a positive integer.
     """
     if threads is None:
-        raw = os.environ.get(TORCH_THREADS_ENV, "").strip()
-        if not raw:
-            return available_cores()
+        from pydantic import ValidationError
+
+        from elgs.settings import Settings
+
         try:
-            threads = int(raw)
-        except ValueError:
-            raise ValueError(f"{TORCH_THREADS_ENV} must be a positive integer, got {raw!r}") from None
+            threads = Settings().torch_threads
+        except ValidationError as error:
+            problems = "; ".join(f"ELGS_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']} (got {e.get('input')!r})"
+                                 for e in error.errors())
+            raise ValueError(f"invalid setting: {problems}") from None
+        if threads is None:
+            return available_cores()
     if threads < 1:
         raise ValueError(f"torch threads must be >= 1, got {threads}")
     return threads

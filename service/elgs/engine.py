@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from elgs.defenses import (
@@ -54,7 +55,9 @@ class Request:
     """One image and what to do with it.
 
     Attributes:
-        image: pixel-space image in [0, 1], (3, S, S) at the model's input size.
+        image: pixel-space image in [0, 1], (3, S, S) at the model's input size; before it reaches
+            :meth:`Engine.run` also an RGB uint8 NumPy array (S, S, 3) (the batcher converts it) or None
+            (:func:`resolve_request` then checks the parameters alone).
         task: ``classify`` (pass 1 only), ``defend`` (both passes) or ``saliency`` (pass 1 with ``S``).
         method: a registered defence name (``defend`` only).
         lam: smoothing factor; None takes the model's default.
@@ -65,7 +68,7 @@ class Request:
         attack_threshold: attack-score threshold in [0, 2] overriding the calibrated one (``defend``).
     """
 
-    image: torch.Tensor
+    image: torch.Tensor | np.ndarray | None
     task: Task = "defend"
     method: str = "none"
     lam: float | None = None
@@ -165,6 +168,83 @@ def resolve_saliency(spec: str | None, default: SaliencyConfig | str) -> Salienc
         raise InvalidParameterError(f"saliency: {error}") from None
 
 
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What checking a request needs to know of its model, from :meth:`LoadedModel.describe` (which a
+    Ray Serve model deployment answers too): no weights, no device."""
+
+    name: str
+    input_size: int
+    default_lambda: float
+    default_saliency: str = "gradient"
+
+    @classmethod
+    def of(cls, description: dict) -> ModelDefaults:
+        return cls(name=description["name"], input_size=int(description["input_size"]),
+                   default_lambda=float(description["default_lambda"]),
+                   default_saliency=description.get("default_saliency") or "gradient")
+
+
+def _check_image(image: object, model: ModelDefaults) -> None:
+    if image is None:
+        return
+    size = model.input_size
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.shape != (size, size, 3):
+            raise InvalidParameterError(f"image array must be uint8 of shape ({size}, {size}, 3) for {model.name}, "
+                                        f"got {image.dtype} {image.shape}")
+    elif tuple(image.shape) != (3, size, size):
+        raise InvalidParameterError(
+            f"image must have shape (3, {size}, {size}) for {model.name}, got {tuple(image.shape)}")
+
+
+def resolve_request(request: Request, model: ModelDefaults) -> Request:
+    """Validate ``request`` for ``model`` and fill its defaults: the one check of a request's parameters.
+
+    The API calls it before it decodes the upload (``image`` None), the batcher before it queues the
+    request (a uint8 array or a tensor; no torch op), the engine before it runs a batch. Idempotent: a
+    resolved request resolves to itself. Only the image's shape and dtype are read.
+
+    Raises:
+        UnknownMethodError: the method is not a registered defence.
+        InvalidParameterError: lambda, threshold, saliency spec, attack threshold, task or image shape is invalid.
+    """
+    if request.task not in ("classify", "defend", "saliency"):
+        raise InvalidParameterError(f"task must be classify, defend or saliency, got {request.task!r}")
+    _check_image(request.image, model)
+    attack_threshold = request.attack_threshold
+    if attack_threshold is not None:
+        attack_threshold = _check_range("attack_threshold", attack_threshold, SCORE_RANGE)
+    if request.task == "classify":
+        return Request(image=request.image, task="classify")
+    if request.task == "saliency":
+        return Request(image=request.image, task="saliency",
+                       saliency=resolve_saliency(request.saliency, model.default_saliency).spec)
+    try:
+        defense = get_defense(request.method)
+    except KeyError as error:
+        raise UnknownMethodError(str(error.args[0])) from None
+    lam = threshold = None
+    if defense.uses_lambda:
+        lam = _check_range("lambda", model.default_lambda if request.lam is None else request.lam, LAMBDA_RANGE)
+    if defense.uses_threshold:
+        threshold = _check_range("threshold", DEFAULT_THRESHOLD if request.threshold is None else request.threshold,
+                                 THRESHOLD_RANGE)
+    saliency = resolve_saliency(request.saliency, model.default_saliency).spec if defense.needs_saliency else None
+    return Request(image=request.image, task="defend", method=request.method, lam=lam, threshold=threshold,
+                   saliency=saliency, attack_threshold=attack_threshold)
+
+
+def needs_saliency(request: Request) -> bool:
+    """Whether a resolved request's pass 1 carries the input gradient."""
+    return request.task == "saliency" or (request.task == "defend" and get_defense(request.method).needs_saliency)
+
+
+def pass_one_rows(request: Request) -> int:
+    """Rows a resolved request adds to pass 1: the copies of its saliency estimator (SmoothGrad's ``n``), else 1."""
+    return parse_saliency(request.saliency).n if needs_saliency(request) else 1
+
+
 class Engine:
     """Runs batches of :class:`Request` through one :class:`~elgs.models.LoadedModel`.
 
@@ -201,44 +281,21 @@ class Engine:
             return None
         return self.thresholds.lookup(request.method, request.lam, request.saliency)
 
+    @property
+    def defaults(self) -> ModelDefaults:
+        """The model's name, input size, default lambda and estimator, for :func:`resolve_request`."""
+        return ModelDefaults(name=self.model.name, input_size=self.model.input_size,
+                             default_lambda=self.model.spec.default_lambda,
+                             default_saliency=getattr(self.model.spec, "default_saliency", "gradient"))
+
     def resolve(self, request: Request) -> Request:
-        """Validate ``request`` and fill its defaults.
+        """:func:`resolve_request` for this engine's model.
 
         Raises:
             UnknownMethodError: the method is not a registered defence.
             InvalidParameterError: lambda, threshold, task or image shape is invalid.
         """
-        if request.task not in ("classify", "defend", "saliency"):
-            raise InvalidParameterError(f"task must be classify, defend or saliency, got {request.task!r}")
-        size = self.model.input_size
-        if request.image.shape != (3, size, size):
-            raise InvalidParameterError(
-                f"image must have shape (3, {size}, {size}) for {self.model.name}, got {tuple(request.image.shape)}"
-            )
-        attack_threshold = request.attack_threshold
-        if attack_threshold is not None:
-            attack_threshold = _check_range("attack_threshold", attack_threshold, SCORE_RANGE)
-        if request.task == "classify":
-            return Request(image=request.image, task="classify")
-        if request.task == "saliency":
-            return Request(image=request.image, task="saliency", saliency=self.saliency_config(request.saliency).spec)
-        try:
-            defense = get_defense(request.method)
-        except KeyError as error:
-            raise UnknownMethodError(str(error.args[0])) from None
-        lam = threshold = None
-        if defense.uses_lambda:
-            lam = _check_range("lambda", self.model.spec.default_lambda if request.lam is None else request.lam,
-                               LAMBDA_RANGE)
-        if defense.uses_threshold:
-            threshold = _check_range("threshold", DEFAULT_THRESHOLD if request.threshold is None
-                                     else request.threshold, THRESHOLD_RANGE)
-        saliency = self.saliency_config(request.saliency).spec if defense.needs_saliency else None
-        return Request(image=request.image, task="defend", method=request.method, lam=lam, threshold=threshold,
-                       saliency=saliency, attack_threshold=attack_threshold)
-
-    def _needs_saliency(self, request: Request) -> bool:
-        return request.task == "saliency" or (request.task == "defend" and get_defense(request.method).needs_saliency)
+        return resolve_request(request, self.defaults)
 
     def _top_k(self, logits: torch.Tensor) -> list[list[Prediction]]:
         probabilities = torch.softmax(logits.detach().float(), dim=1)
@@ -252,7 +309,7 @@ class Engine:
 
     def _pass1(self, x: torch.Tensor, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, N) and, when a request needs one, ``S`` (B, H, W) (zeros elsewhere): one model call."""
-        configs = [parse_saliency(r.saliency) if self._needs_saliency(r) else None for r in requests]
+        configs = [parse_saliency(r.saliency) if needs_saliency(r) else None for r in requests]
         result = saliency_pass(self.model.forward, x, self.model.normalize, configs, k=TOP_K,
                                network=self.model.module)
         return result.logits, result.saliency
@@ -296,7 +353,7 @@ class Engine:
             return []
         requests = [self.resolve(r) for r in requests]
         x = self.model.to_input(torch.stack([r.image for r in requests]))
-        saliency_rows = [i for i, r in enumerate(requests) if self._needs_saliency(r)]
+        saliency_rows = [i for i, r in enumerate(requests) if needs_saliency(r)]
         defend_rows = [i for i, r in enumerate(requests) if r.task == "defend"]
 
         started = time.perf_counter()

@@ -28,14 +28,17 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-CALIBRATION_ENV = "ELGS_CALIBRATION_FILE"
 SCORE_RANGE = (0.0, 2.0)
 
 
 def user_calibration_path() -> Path:
-    """``$ELGS_CALIBRATION_FILE``, else ``$XDG_CONFIG_HOME/elgs/calibration.json`` (``~/.config`` by default)."""
-    if os.environ.get(CALIBRATION_ENV):
-        return Path(os.environ[CALIBRATION_ENV])
+    """The ``calibration_file`` setting (``$ELGS_CALIBRATION_FILE``), else ``$XDG_CONFIG_HOME/elgs/calibration.json``
+    (``~/.config`` by default)."""
+    from elgs.settings import Settings
+
+    configured = Settings().calibration_file
+    if configured is not None:
+        return configured
     base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
     return Path(base) / "elgs" / "calibration.json"
 

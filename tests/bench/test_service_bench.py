@@ -14,6 +14,8 @@ from elgs.bench.service import (
     combine_floors,
     engine_throughput,
     engine_throughput_in_subprocess,
+    best_floor,
+    floor_batch_sizes,
     floor_summary,
     format_table,
     interleaved_ratio,
@@ -67,15 +69,29 @@ def test_floor_ratios_by_hand():
     assert floor[4]["throughput"] == 10.0 and floor[1]["throughput"] == 8.0 and floor[1]["batch_ms"] == 125.0
     summary = floor_summary(levels, {"batching on": 4, "batching off": 1}, floor)
     assert [level.floor_ratio for level in levels] == [0.5, 0.9, 0.5]
-    assert summary["batching on"] == {"batch_size": 4, "floor": 10.0, "ratio_at_8": 0.9, "ratio_at_1": 5.0 / 8.0,
-                                      "latency_at_1_over_floor": 10.0 / 125.0}
+    assert summary["batching on"] == {"batch_size": 4, "floor_batch_size": 4, "floor": 10.0, "ratio_at_8": 0.9,
+                                      "ratio_at_1": 5.0 / 8.0, "latency_at_1_over_floor": 10.0 / 125.0}
     assert summary["batching off"]["ratio_at_1"] is None and summary["batching off"]["ratio_at_8"] == 0.5
     levels[0].server_cpu_ms = 123.4
     lines = format_table(levels, None, floor, summary).splitlines()
     assert lines[1].split()[-1] == "123.4" and lines[2].split()[-1] == "-"
     assert lines[2].split()[:5] == ["batching", "on", "8", "9.00", "0.900"]
     assert "batch 4: 10.00 img/s (11.00/9.00)" in lines[4]
-    assert "concurrency 8: 0.900 of the batch-4 floor; concurrency 1: 0.625 of the batch-1 floor" in lines[6]
+    assert ("concurrency 8: 0.900 of the best floor up to batch 4 (batch 4); concurrency 1: 0.625 of the batch-1 "
+            "floor") in lines[6]
+
+
+def test_the_batched_floor_is_the_best_batch_the_server_can_form():
+    """SmoothGrad on a CPU: batch 2 beats batch 4 per image, so batch 2 is the ceiling of a batch-4 server."""
+    assert floor_batch_sizes(4) == [1, 2, 4] and floor_batch_sizes(1) == [1] and floor_batch_sizes(6) == [1, 2, 4, 6]
+    assert floor_batch_sizes(32) == [1, 2, 4, 8, 16, 32]
+    floor = {size: {"batch_size": size, "throughput": rate, "batch_ms": size / rate * 1000}
+             for size, rate in ((1, 2.5), (2, 2.8), (4, 2.0))}
+    assert best_floor(floor, 4)["batch_size"] == 2 and best_floor(floor, 1)["batch_size"] == 1
+    levels = [_level("batching on", 8, 2.24), _level("batching off", 8, 2.0)]
+    summary = floor_summary(levels, {"batching on": 4, "batching off": 1}, floor)
+    assert summary["batching on"]["floor_batch_size"] == 2 and summary["batching on"]["ratio_at_8"] == pytest.approx(0.8)
+    assert summary["batching off"]["floor"] == 2.5 and levels[1].floor_ratio == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize(("method", "calls_per_batch"), [("slgs", 2), ("lgs", 2)])
@@ -164,10 +180,10 @@ def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path, monkeyp
     assert all(level["errors"] == 0 and level["requests"] > 0 for level in document["levels"])
     assert all(level["mean_batch_size"] == 1 for level in document["levels"] if level["mode"] == "batching off")
     assert document["engine"] == {} and document["http_engine_ratio_at_8"] == {}
-    # The floor: a fresh process before and after the levels, at the batched server's size and at 1.
-    assert [row["batch_size"] for row in document["floor"]["before"]] == [4, 1]
-    assert [row["batch_size"] for row in document["floor"]["after"]] == [4, 1]
-    assert set(document["floor"]["combined"]) == {"4", "1"} and list(document["floor"]["runs"]["before"]) == ["inherited"]
+    # The floor: a fresh process before and after the levels, at every power of two up to the batched server's size.
+    assert [row["batch_size"] for row in document["floor"]["before"]] == [4, 2, 1]
+    assert [row["batch_size"] for row in document["floor"]["after"]] == [4, 2, 1]
+    assert set(document["floor"]["combined"]) == {"4", "2", "1"} and list(document["floor"]["runs"]["before"]) == ["inherited"]
     assert all(level["floor_ratio"] > 0 for level in document["levels"])
     assert set(document["floor_ratios"]) == {"batching on", "batching off"}
     assert all(level["server_cpu_ms"] > 0 and level["client_cpu_ms"] > 0 for level in document["levels"])

@@ -23,7 +23,7 @@ from elgs.api.settings import Settings
 from elgs.api.state import ModelRuntime
 from elgs.api.uploads import read_image
 from elgs.defenses import minmax_normalize
-from elgs.engine import Prediction, Request, Result, resolve_saliency
+from elgs.engine import ModelDefaults, Prediction, Request, Result, resolve_request
 from elgs.images import encode_png, tensor_to_array
 
 
@@ -91,8 +91,10 @@ async def submit_unless_disconnected(http_request: HttpRequest, runtime: ModelRu
 
 async def run(http_request: HttpRequest, runtime: ModelRuntime, settings: Settings, upload: UploadFile,
               **request_fields) -> Answer:
-    """Decode ``upload`` at the model's input size, run it through the batcher, time each stage."""
+    """Check the request (404/422), decode ``upload`` at the model's input size, run it through the batcher,
+    time each stage."""
     started = time.perf_counter()
+    check(runtime, **request_fields)  # bad parameters cost no admission and no decode
     deadline = await admit(http_request, runtime, settings)  # 503 when the model cannot take it, before decoding
     image = await read_image(upload, size=runtime.model.input_size, max_upload_mb=settings.max_upload_mb,
                              max_pixels=settings.max_pixels, decoder=http_request.app.state.decoder)
@@ -105,14 +107,15 @@ async def run(http_request: HttpRequest, runtime: ModelRuntime, settings: Settin
     return Answer(result=result, timing_ms=timing, started=started)
 
 
-def check_saliency(runtime: ModelRuntime, spec: str | None) -> None:
-    """422 for a malformed ``?saliency=`` before the upload is decoded (the engine checks it again).
+def check(runtime: ModelRuntime, **request_fields) -> Request:
+    """:func:`elgs.engine.resolve_request` of the request's parameters (no image yet) for ``runtime``'s model,
+    the same check the batcher and the engine make, against ``runtime.model.describe()`` (which a local model
+    and a Ray Serve model deployment both answer).
 
-    Reads the model's default estimator from ``runtime.model.describe()``, which a local model and a
-    Ray Serve model deployment both answer.
+    Raises:
+        UnknownMethodError (404), InvalidParameterError (422).
     """
-    if spec is not None:
-        resolve_saliency(spec, runtime.model.describe()["default_saliency"])
+    return resolve_request(Request(image=None, **request_fields), ModelDefaults.of(runtime.model.describe()))
 
 
 def predictions(items: list[Prediction] | None) -> list[dict]:

@@ -105,6 +105,7 @@ class ServiceState:
                 raise ValueError(f"model {model.name!r} is given twice")
             engine = Engine(model)
             batcher = Batcher(engine, max_batch_size=settings.batch_size_for(model.device),
+                              max_batch_rows=settings.max_batch_rows,
                               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
                               request_timeout_s=settings.request_timeout_s, hooks=[metrics],
                               compute=compute_threads[index] if compute_threads is not None else None,

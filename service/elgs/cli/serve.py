@@ -27,6 +27,9 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     parser.add_argument("--input-size", type=int, default=None, help="square input side (default: per model)")
     parser.add_argument("--max-batch-size", type=int, default=None, help="requests per batch (default: 32 GPU, 4 CPU)")
+    parser.add_argument("--max-batch-rows", type=int, default=None,
+                        help="pass-1 rows per batch, SmoothGrad's n copies counting each ($ELGS_MAX_BATCH_ROWS, "
+                             "default: 16 CPU, 8 x max-batch-size GPU)")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="batch window after its first request (5)")
     parser.add_argument("--max-queue", type=int, default=None, help="queued requests per model before 503 (256)")
     parser.add_argument("--request-timeout-s", type=float, default=None, help="per-request deadline before 504 (30)")
@@ -82,7 +85,8 @@ def _serve(args: argparse.Namespace) -> int:
     from elgs.models import WeightsUnavailableError
 
     overrides = {field: getattr(args, field) for field in (
-        "models", "host", "port", "weights", "weights_dir", "device", "input_size", "max_batch_size", "max_wait_ms",
+        "models", "host", "port", "weights", "weights_dir", "device", "input_size", "max_batch_size", "max_batch_rows",
+        "max_wait_ms",
         "max_queue", "request_timeout_s", "max_connections", "torch_threads") if getattr(args, field) is not None}
     try:
         settings = Settings(**overrides)

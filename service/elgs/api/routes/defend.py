@@ -12,8 +12,7 @@ from elgs.api.dependencies import RuntimeDep, SettingsDep
 from elgs.api.errors import error_responses
 from elgs.api.routes.classify import IMAGE_FIELD
 from elgs.api.schemas import DefendResponse
-from elgs.defenses import DEFAULT_THRESHOLD, DEFENSES, LAMBDA_RANGE, THRESHOLD_RANGE, estimator_names, get_defense
-from elgs.engine import UnknownMethodError
+from elgs.defenses import DEFAULT_THRESHOLD, DEFENSES, LAMBDA_RANGE, THRESHOLD_RANGE, estimator_names
 from elgs.thresholds import SCORE_RANGE
 
 router = APIRouter(tags=["inference"])
@@ -62,12 +61,6 @@ async def defend(
     `attack_score` compares the two answers; when it exceeds the threshold the image counts as attacked and
     `final_predictions` is the defended top-5, else the original one.
     """
-    try:
-        defense = get_defense(method)
-    except KeyError as error:
-        raise UnknownMethodError(str(error.args[0])) from None
-    if saliency is not None and defense.needs_saliency:
-        inference.check_saliency(runtime, saliency)
     answer = await inference.run(http_request, runtime, settings, image, task="defend", method=method, lam=lam,
                                  threshold=threshold, saliency=saliency, attack_threshold=attack_threshold)
     result = answer.result

@@ -31,7 +31,6 @@ async def saliency(
     """The saliency map ``S`` of the chosen estimator (scaled to 0..255 for display) and the region ``D`` that
     SLGS smooths (255 inside). With `gradient`, ``S`` is the max over channels of the input gradient of the
     top-5 cross-entropy."""
-    inference.check_saliency(runtime, saliency)
     answer = await inference.run(http_request, runtime, settings, image, task="saliency", saliency=saliency)
     result = answer.result
     (saliency_png, region_png), encode_ms = await inference.encode_base64_pngs(
