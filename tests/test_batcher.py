@@ -250,7 +250,7 @@ async def test_one_request_over_max_batch_rows_runs_alone(tiny_model, photos):
 def test_max_batch_rows_default_follows_the_device(tiny_model):
     from elgs.batcher import CPU_MAX_BATCH_ROWS, default_max_batch_rows
 
-    assert Batcher(Engine(tiny_model), max_batch_size=4).max_batch_rows == CPU_MAX_BATCH_ROWS == 16
-    assert default_max_batch_rows("cuda", 32) == 256 and default_max_batch_rows("cpu", 32) == 16
+    assert Batcher(Engine(tiny_model), max_batch_size=4).max_batch_rows == CPU_MAX_BATCH_ROWS == 8
+    assert default_max_batch_rows("cuda", 32) == 256 and default_max_batch_rows("cpu", 32) == 8
     with pytest.raises(ValueError, match="max_batch_rows must be >= 1, got 0"):
         Batcher(Engine(tiny_model), max_batch_rows=0)

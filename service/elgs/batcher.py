@@ -130,10 +130,11 @@ class _Item:
     rows: int = 1  # rows in pass 1 (pass_one_rows)
 
 
-# Pass-1 rows per batch on the CPU (measured, issue 8: EfficientNet-Lite0 with SmoothGrad n=8 computes
-# 2.6 img/s in batches of 16 rows, 2.0 in batches of 32); on CUDA the rows of max_batch_size requests
-# of SmoothGrad n=8.
-CPU_MAX_BATCH_ROWS = 16
+# Pass-1 rows per batch on the CPU (measured, issue 8: EfficientNet-Lite0's input-gradient pass took 53, 41,
+# 35, 39, 49 and 57 ms per row at 1, 2, 4, 8, 12 and 32 rows on 2 cores: past 8 rows, caches lose), so a
+# SmoothGrad n=8 request runs alone and plain ones batch up to max_batch_size; on CUDA, the rows of
+# max_batch_size requests of SmoothGrad n=8 (not measured).
+CPU_MAX_BATCH_ROWS = 8
 CUDA_ROWS_PER_REQUEST = 8
 
 

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         description=f"requests per batch (default: {CUDA_MAX_BATCH_SIZE} on CUDA, {CPU_MAX_BATCH_SIZE} on CPU)")
     max_batch_rows: int | None = Field(
         default=None, ge=1, le=65536,
-        description="pass-1 rows per batch, SmoothGrad's n copies of a request counting each (default: 16 on CPU, "
+        description="pass-1 rows per batch, SmoothGrad's n copies of a request counting each (default: 8 on CPU, "
                     "8 x max_batch_size on CUDA)")
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000,
                                description="a batch closes this long after its first request")
@@ -65,6 +65,9 @@ class Settings(BaseSettings):
         description="torch intra-op threads of each model's compute thread (default: the cores this process may use)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="autocast dtype of the two model passes (the defences stay float32)")
+    malloc_tuning: bool = Field(
+        default=True, description="glibc malloc keeps freed memory for the next model pass instead of unmapping it "
+                                  "(elgs.compute.tune_allocator: about 25% faster passes on CPU, up to 1 GiB kept)")
     calibration_file: Path | None = Field(
         default=None, description="attack-score thresholds written by `elgs calibrate` "
                                   "(default: $XDG_CONFIG_HOME/elgs/calibration.json, else ~/.config/elgs/...)")

@@ -183,7 +183,7 @@ def test_end_to_end_starts_its_servers_and_writes_json_and_png(tmp_path, monkeyp
     # The floor: a fresh process before and after the levels, at every power of two up to the batched server's size.
     assert [row["batch_size"] for row in document["floor"]["before"]] == [4, 2, 1]
     assert [row["batch_size"] for row in document["floor"]["after"]] == [4, 2, 1]
-    assert set(document["floor"]["combined"]) == {"4", "2", "1"} and list(document["floor"]["runs"]["before"]) == ["inherited"]
+    assert set(document["floor"]["combined"]) == {"4", "2", "1"} and list(document["floor"]["runs"]["before"]) == ["inherited", "malloc tuned"]
     assert all(level["floor_ratio"] > 0 for level in document["levels"])
     assert set(document["floor_ratios"]) == {"batching on", "batching off"}
     assert all(level["server_cpu_ms"] > 0 and level["client_cpu_ms"] > 0 for level in document["levels"])

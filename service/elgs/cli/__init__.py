@@ -43,10 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if getattr(args, "torch_in_main_thread", True):  # elgs serve sets them in its compute threads
-            from elgs.compute import set_torch_threads
+            from elgs.compute import set_torch_threads, tune_allocator
 
             try:
                 set_torch_threads()
+                tune_allocator()
             except ValueError as error:
                 raise CommandError(str(error)) from None
         return int(args.handler(args) or 0)

@@ -29,7 +29,7 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--max-batch-size", type=int, default=None, help="requests per batch (default: 32 GPU, 4 CPU)")
     parser.add_argument("--max-batch-rows", type=int, default=None,
                         help="pass-1 rows per batch, SmoothGrad's n copies counting each ($ELGS_MAX_BATCH_ROWS, "
-                             "default: 16 CPU, 8 x max-batch-size GPU)")
+                             "default: 8 CPU, 8 x max-batch-size GPU)")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="batch window after its first request (5)")
     parser.add_argument("--max-queue", type=int, default=None, help="queued requests per model before 503 (256)")
     parser.add_argument("--request-timeout-s", type=float, default=None, help="per-request deadline before 504 (30)")
