@@ -130,10 +130,12 @@ class _Item:
     rows: int = 1  # rows in pass 1 (pass_one_rows)
 
 
-# Pass-1 rows per batch on the CPU (measured, issue 8: EfficientNet-Lite0's input-gradient pass took 53, 41,
-# 35, 39, 49 and 57 ms per row at 1, 2, 4, 8, 12 and 32 rows on 2 cores: past 8 rows, caches lose), so a
-# SmoothGrad n=8 request runs alone and plain ones batch up to max_batch_size; on CUDA, the rows of
-# max_batch_size requests of SmoothGrad n=8 (not measured).
+# Pass-1 rows per batch on the CPU. Measured on 2 cores (issue 8), EfficientNet-Lite0's input-gradient pass
+# with the allocator tuned (elgs.compute.tune_allocator) costs 42, 34, 33, 32, 34 and 36 ms per row at 1, 2,
+# 4, 8, 16 and 32 rows (untuned: 53, 41, 35, 39, -, 57, the page faults growing with the batch). Past a few
+# rows a CPU gains nothing from batching and a bigger batch answers later, so a SmoothGrad n=8 request runs
+# alone and plain ones batch up to max_batch_size. On CUDA: the rows of max_batch_size requests of
+# SmoothGrad n=8 (not measured).
 CPU_MAX_BATCH_ROWS = 8
 CUDA_ROWS_PER_REQUEST = 8
 
