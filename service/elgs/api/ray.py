@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from elgs.api.app import create_app
 from elgs.api.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, ServiceMetrics
 from elgs.api.settings import CPU_MAX_BATCH_SIZE, CUDA_MAX_BATCH_SIZE, Settings
-from elgs.api.state import ModelNotLoadedError, ServiceState
+from elgs.api.state import RuntimeLookup, ServiceState
 from elgs.batcher import BatcherClosedError, BatcherHooks, DeadlineExceededError, QueueFullError
 from elgs.engine import InvalidParameterError, Request, Result, UnknownMethodError
 
@@ -334,7 +334,7 @@ class RemoteRuntime:
 
 
 @dataclass(eq=False)
-class RayServiceState:
+class RayServiceState(RuntimeLookup[RemoteRuntime]):
     """:class:`~elgs.api.state.ServiceState`'s interface in an ingress replica; readiness from ``serve.status()``."""
 
     settings: Settings
@@ -362,21 +362,8 @@ class RayServiceState:
         return state
 
     @property
-    def default_model(self) -> str:
-        return next(iter(self.runtimes))
-
-    @property
     def ready(self) -> bool:
         return all(runtime.ready for runtime in self.runtimes.values())
-
-    def runtime(self, name: str | None) -> RemoteRuntime:
-        if name is None:
-            return self.runtimes[self.default_model]
-        try:
-            return self.runtimes[name]
-        except KeyError:
-            raise ModelNotLoadedError(
-                f"model {name!r} is not loaded on this server; loaded: {', '.join(self.runtimes)}") from None
 
     def replicas_header(self) -> str:
         return ",".join(f"{n}={r.running_replicas}/{r.target_replicas}" for n, r in self.runtimes.items())

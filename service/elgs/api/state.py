@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from elgs.engine import Engine, Request
 from elgs.models import LoadedModel, load_model
 
 logger = logging.getLogger("elgs.api")
+R = TypeVar("R")
 
 
 class ModelNotLoadedError(LookupError):
@@ -81,8 +83,34 @@ def warmup_batch_sizes(max_batch_size: int, compiled: bool) -> list[int]:
     return sorted({1, min(2, max_batch_size), max_batch_size})
 
 
+class RuntimeLookup(Generic[R]):
+    """Finding a model's runtime by name, shared by the local service state and the Ray Serve ingress's
+    (:class:`elgs.api.ray.RayServiceState`): ``runtimes`` by model name, the first being the default."""
+
+    runtimes: dict[str, R]
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.runtimes))
+
+    def runtime(self, name: str | None) -> R:
+        """The runtime of model ``name`` (None: the default model).
+
+        Raises:
+            ModelNotLoadedError: no model of that name is loaded (404).
+        """
+        if name is None:
+            return self.runtimes[self.default_model]
+        try:
+            return self.runtimes[name]
+        except KeyError:
+            raise ModelNotLoadedError(
+                f"model {name!r} is not loaded on this server; loaded: {', '.join(self.runtimes)}"
+            ) from None
+
+
 @dataclass(eq=False)
-class ServiceState:
+class ServiceState(RuntimeLookup[ModelRuntime]):
     """The running service: ``runtimes`` by model name, the first being the default."""
 
     settings: Settings
@@ -114,23 +142,8 @@ class ServiceState:
         return state
 
     @property
-    def default_model(self) -> str:
-        return next(iter(self.runtimes))
-
-    @property
     def ready(self) -> bool:
         return all(runtime.ready and runtime.batcher.running for runtime in self.runtimes.values())
-
-    def runtime(self, name: str | None) -> ModelRuntime:
-        """The runtime of model ``name`` (None: the default model)."""
-        if name is None:
-            return self.runtimes[self.default_model]
-        try:
-            return self.runtimes[name]
-        except KeyError:
-            raise ModelNotLoadedError(
-                f"model {name!r} is not loaded on this server; loaded: {', '.join(self.runtimes)}"
-            ) from None
 
     async def start(self, *, warmup: bool = True) -> None:
         """Start the batchers; warm up in the background (readiness turns true when done)."""
