@@ -29,6 +29,7 @@ from ray import serve  # noqa: E402
 
 from elgs.api import Settings  # noqa: E402
 from elgs.api.ray import APP_NAME, RayOptions, build_application  # noqa: E402
+from elgs.bench.service import wait_ready  # noqa: E402
 from tests.api.helpers import LiveServer, photo_png  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -64,15 +65,10 @@ def test_elgs_serve_ray_serves_and_stops_cleanly_on_ctrl_c():
                "--num-gpus", "0", "--models", MODEL, "--device", "cpu", "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        assert process.poll() is None, process.stdout.read()
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", process, timeout_s=150)
+        except RuntimeError as error:
+            pytest.fail(f"{error}\n{process.stdout.read() if process.poll() is not None else ''}")
         response = httpx.post(f"http://127.0.0.1:{port}/classify", timeout=60,
                               files={"image": ("a.png", photo_png("coffee", 96), "image/png")})
         assert response.status_code == 200, response.text

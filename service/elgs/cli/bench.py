@@ -8,7 +8,6 @@ handlers import :mod:`elgs.bench` when they run and, when httpx or matplotlib is
 from __future__ import annotations
 
 import argparse
-import os
 
 from elgs.bench import CONCURRENCY_LEVELS
 from elgs.cli._common import BENCH_EXTRA, CommandError
@@ -53,7 +52,7 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of concurrency levels (default 1,2,4,8,16,32)")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per level (default 8)")
     parser.add_argument("--url", default=None, help="benchmark this running server instead of starting two")
-    parser.add_argument("--api-key", default=os.environ.get("ELGS_API_KEY"), help="default $ELGS_API_KEY")
+    parser.add_argument("--api-key", default=None, help="default: the api_key setting ($ELGS_API_KEY)")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="max_batch_size of the batching-on server (default: the server's)")
     parser.add_argument("--engine", dest="engine", action="store_true", default=False,
@@ -82,9 +81,13 @@ def bench_service(args: argparse.Namespace) -> int:
         raise CommandError(f"--concurrency must be a comma list of positive integers, got {args.concurrency!r}")
     require_bench_extra("the service benchmark")
     from elgs.bench.service import run_service_benchmark
+    from elgs.settings import Settings
 
+    api_key = args.api_key
+    if api_key is None and (configured := Settings().api_key) is not None:
+        api_key = configured.get_secret_value()
     run_service_benchmark(model=args.model, weights=args.weights, method=args.method, concurrency=levels,
-                          duration_s=args.duration, url=args.url, api_key=args.api_key,
+                          duration_s=args.duration, url=args.url, api_key=api_key,
                           batched_max_batch_size=args.max_batch_size, engine=args.engine, out_dir=args.out,
                           device=args.device, input_size=args.input_size, ratio_rounds=args.ratio_rounds,
                           omp_wait_policy=args.omp_wait_policy or None, floor=args.floor, saliency=args.saliency)
