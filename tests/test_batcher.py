@@ -254,3 +254,12 @@ def test_max_batch_rows_default_follows_the_device(tiny_model):
     assert default_max_batch_rows("cuda", 32) == 256 and default_max_batch_rows("cpu", 32) == 8
     with pytest.raises(ValueError, match="max_batch_rows must be >= 1, got 0"):
         Batcher(Engine(tiny_model), max_batch_rows=0)
+
+
+def test_pack_forms_the_batches_the_worker_would(tiny_model, photos):
+    image = next(iter(photos.values()))
+    batcher = Batcher(Engine(tiny_model), max_batch_size=3, max_batch_rows=8)
+    smooth, plain = Request(image=image, method="slgs", saliency="smoothgrad:n=8"), Request(image=image, task="classify")
+    sizes = [len(batch) for batch in batcher.pack([smooth, plain, plain, plain, plain, smooth, smooth])]
+    assert sizes == [1, 3, 1, 1, 1]  # [8] [1 1 1] [1] [8] [8]
+    assert all(r.lam is not None for batch in batcher.pack([smooth]) for r in batch)  # resolved

@@ -285,16 +285,34 @@ class Batcher:
         self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"elgs-batcher-{self.model_name}")
 
     async def warm_up(self, requests: Sequence[Request]) -> list[Result]:
-        """Run ``requests`` as one batch in the compute thread, outside the queue and the metrics, twice:
-        the second run's time is the first batch time admission uses."""
+        """Run ``requests`` in the compute thread, outside the queue and the metrics, in the batches the
+        worker would form of them (:meth:`pack`), twice: the second run's batch times are the first ones
+        admission uses. So the warm-up builds the shapes serving will use, and no bigger."""
         if self._compute_thread is None or not self.running:
             raise BatcherClosedError(f"the batcher of model {self.model_name!r} is not started")
-        await self._compute_thread.run(lambda: self.engine.run(_with_tensors(list(requests))))
-        # Timed once warm (the first run pays one-off costs): admission's first batch time.
-        started = time.perf_counter()
-        results = await self._compute_thread.run(lambda: self.engine.run(_with_tensors(list(requests))))
-        self._trace.add(time.perf_counter() - started)
+        results: list[Result] = []
+        for batch in self.pack(requests):
+            await self._compute_thread.run(lambda batch=batch: self.engine.run(_with_tensors(batch)))
+            # Timed once warm (the first run pays one-off costs): admission's first batch time.
+            started = time.perf_counter()
+            results += await self._compute_thread.run(lambda batch=batch: self.engine.run(_with_tensors(batch)))
+            self._trace.add(time.perf_counter() - started)
         return results
+
+    def pack(self, requests: Sequence[Request]) -> list[list[Request]]:
+        """``requests`` (resolved here) in the batches the worker would form of them if they were queued
+        at once: in order, at most ``max_batch_size`` requests and ``max_batch_rows`` pass-1 rows each.
+
+        Raises:
+            UnknownMethodError, InvalidParameterError: a request is invalid.
+        """
+        packer, batches = self._packer(), []
+        for request in requests:
+            request = resolve_request(request, self.engine.defaults)
+            if packer.add(pass_one_rows(request)) == len(batches):
+                batches.append([])
+            batches[-1].append(request)
+        return batches
 
     async def close(self) -> None:
         """Stop the worker; queued requests fail with :class:`BatcherClosedError`.
