@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     max_pixels: int = Field(default=40_000_000, ge=1, description="largest image in pixels before 413")
     body_timeout_s: float = Field(default=30.0, gt=0, description="time to receive a request body before 408")
     max_connections: int = Field(default=1000, ge=1,
-                                 description="concurrent connections uvicorn serves before answering 503")
+                                 description="HTTP requests in progress before 503 (health and metrics exempt); uvicorn "
+                                             "keeps 64 more connections open for idle clients and probes")
     decode_concurrency: int | None = Field(
         default=None, ge=1, le=64, description="uploads decoded at once (default: one per core, at most 4)")
     api_key: SecretStr | None = Field(

@@ -192,3 +192,39 @@ async def test_a_request_that_would_be_answered_too_late_is_refused_before_decod
                 gate.opened.set()
             assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
         assert batcher.reserved == 0 and batcher.depth == 0
+
+
+async def test_requests_over_max_connections_get_a_json_503_with_a_request_id_and_probes_still_answer():
+    """Two requests held in compute fill max_connections=2: the third gets the app's 503 (JSON, request id,
+    Retry-After), not uvicorn's plain text; /health/live is not counted and answers."""
+    model, gate = gated_tiny_model()
+    settings = tiny_settings(max_batch_size=1, max_wait_ms=0, max_connections=2)
+    with LiveServer(settings, [model]) as server:
+        gate.opened.clear()
+        gate.entered.clear()
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            try:
+                held = [asyncio.ensure_future(client.post("/classify", files=_cat_files())) for _ in range(2)]
+                assert await asyncio.to_thread(gate.entered.wait, 10)
+                while server.app.middleware_stack is None or _in_flight(server.app) < 2:
+                    await asyncio.sleep(0.005)
+                refused = await client.post("/classify", files=_cat_files(), headers={"X-Request-ID": "flood-3"})
+                assert refused.status_code == 503
+                assert refused.json() == {"detail": refused.json()["detail"], "request_id": "flood-3"}
+                assert "2 requests in progress" in refused.json()["detail"]
+                assert refused.headers["x-request-id"] == "flood-3" and refused.headers["retry-after"] == "1"
+                assert (await client.get("/health/live")).status_code == 200
+            finally:
+                gate.opened.set()
+            assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+            assert (await client.post("/classify", files=_cat_files())).status_code == 200
+
+
+def _in_flight(app) -> int:
+    """The in-flight count of the app's InFlightLimitMiddleware."""
+    from elgs.api.middleware import InFlightLimitMiddleware
+
+    layer = app.middleware_stack
+    while not isinstance(layer, InFlightLimitMiddleware):
+        layer = layer.app
+    return layer.in_flight

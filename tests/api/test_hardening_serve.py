@@ -28,7 +28,10 @@ def served(monkeypatch):
 
 
 def test_serve_limits_concurrent_connections(served, monkeypatch):
-    assert served()["limit_concurrency"] == 1000
-    assert served("--max-connections", "7")["limit_concurrency"] == 7
+    from elgs.api.middleware import CONNECTION_HEADROOM
+
+    # The app's own limit answers first (JSON 503 with a request id); uvicorn's sits above it.
+    assert served()["limit_concurrency"] == 1000 + CONNECTION_HEADROOM
+    assert served("--max-connections", "7")["limit_concurrency"] == 7 + CONNECTION_HEADROOM
     monkeypatch.setenv("ELGS_MAX_CONNECTIONS", "33")
-    assert served()["limit_concurrency"] == 33
+    assert served()["limit_concurrency"] == 33 + CONNECTION_HEADROOM

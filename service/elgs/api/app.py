@@ -13,8 +13,14 @@ from fastapi.staticfiles import StaticFiles
 from elgs.api.dependencies import require_api_key
 from elgs.api.errors import install_error_handlers
 from elgs.api.metrics import MetricsMiddleware, ServiceMetrics
-from elgs.api.middleware import AdmissionMiddleware, ApiKeyMiddleware, RequestIdMiddleware, route_patterns
-from elgs.api.routes import INFERENCE_ROUTERS, OPEN_ROUTERS, PROTECTED_ROUTERS
+from elgs.api.middleware import (
+    AdmissionMiddleware,
+    ApiKeyMiddleware,
+    InFlightLimitMiddleware,
+    RequestIdMiddleware,
+    route_patterns,
+)
+from elgs.api.routes import INFERENCE_ROUTERS, OPEN_ROUTERS, PROTECTED_ROUTERS, UNLIMITED_ROUTERS
 from elgs.api.routes.page import STATIC_DIR
 from elgs.api.settings import Settings
 from elgs.api.state import ServiceState, load_models_placed
@@ -100,12 +106,14 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
     app.state.decoder = None  # the lifespan's bounded decode pool
     install_error_handlers(app)
     # Outermost last. In order of arrival: metrics (see every answer), request id (and clean 500s),
-    # API key, body limits (size 413, time 408), admission (503): all before the body is read.
+    # in-flight limit (503), API key, body limits (size 413, time 408), admission (503): all before the body is read.
     app.add_middleware(AdmissionMiddleware, inference=route_patterns(INFERENCE_ROUTERS))
     app.add_middleware(BodyLimitMiddleware, max_upload_mb=settings.max_upload_mb,
                        body_timeout_s=settings.body_timeout_s)
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     app.add_middleware(ApiKeyMiddleware, api_key=api_key, protected=route_patterns(PROTECTED_ROUTERS))
+    app.add_middleware(InFlightLimitMiddleware, max_in_flight=settings.max_connections,
+                       exempt=route_patterns(UNLIMITED_ROUTERS))
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=service_metrics)
 

@@ -1,5 +1,5 @@
-"""ASGI middleware that acts before a request's body is read: request ids and clean 500s, the API
-key, and admission to a model's queue (docs/design.md, sections 4 and 6).
+"""ASGI middleware that acts before a request's body is read: request ids and clean 500s, the in-flight
+limit, the API key, and admission to a model's queue (docs/design.md, sections 4 and 6).
 
 Pure ASGI (not ``BaseHTTPMiddleware``): none of them touches the body stream, so a refused
 request costs no upload, no multipart parse and no decode.
@@ -77,6 +77,42 @@ class RequestIdMiddleware:
             if started:  # the answer is half sent: all that is left is to drop the connection
                 raise
             await internal_error_response(rid)(scope, receive, send_with_id)
+
+
+# uvicorn's own limit (limit_concurrency) sits this many connections above the app's: room for idle
+# keep-alive connections and health probes, so a flood of requests meets the app's JSON 503 first.
+CONNECTION_HEADROOM = 64
+
+
+class InFlightLimitMiddleware:
+    """Answer 503 (JSON, with the request id and ``Retry-After: 1``) to an HTTP request that arrives while
+    ``max_in_flight`` others are in progress; health and metrics requests are let through and not counted.
+
+    ``elgs serve`` gives uvicorn ``limit_concurrency = max_in_flight + CONNECTION_HEADROOM``: uvicorn's own
+    plain-text 503 (no request id) then only meets connections beyond that.
+    """
+
+    def __init__(self, app: ASGIApp, max_in_flight: int, exempt: Sequence[re.Pattern] = ()) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.exempt = exempt
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _matches(self.exempt, scope):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            response = JSONResponse(
+                {"detail": f"server busy: {self.in_flight} requests in progress (ELGS_MAX_CONNECTIONS); retry later",
+                 "request_id": request_id(scope)}, status_code=503, headers={"Retry-After": "1"})
+            await response(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 def route_patterns(routers: Sequence[APIRouter]) -> list[re.Pattern]:

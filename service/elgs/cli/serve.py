@@ -82,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from elgs.api import Settings, create_app
+    from elgs.api.middleware import CONNECTION_HEADROOM
     from elgs.models import WeightsUnavailableError
 
     overrides = {field: getattr(args, field) for field in (
@@ -105,9 +106,10 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     print(f"elgs: serving {', '.join(settings.models)} on http://{settings.host}:{settings.port} "
           f"(web page at /, API docs at /docs)", flush=True)
-    # limit_concurrency bounds open connections (slow clients included): over it, uvicorn answers 503.
+    # The app answers 503 (JSON, request id) over max_connections requests in progress; uvicorn's
+    # limit_concurrency bounds open connections (idle and slow ones included) a little above it.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, workers=1,
-                limit_concurrency=settings.max_connections)
+                limit_concurrency=settings.max_connections + CONNECTION_HEADROOM)
     return 0
 
 
