@@ -177,7 +177,7 @@ def faults():
     for _ in range(5):  # warm up (the heap grows to its working size)
         torch.empty(16 << 20).fill_(1.0)
     before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-    for _ in range(5):  # 64 MiB each, freed at once: a model pass's activations
+    for _ in range(20):  # 64 MiB each, freed at once: a model pass's activations
         torch.empty(16 << 20).fill_(1.0)
     return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
 
@@ -198,6 +198,7 @@ def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_it_in_again():
         assert done.returncode == 0, done.stderr
         return int(done.stdout.split()[-1])
 
-    # Untuned, every 64 MiB allocation is a fresh mmap: 5 x 16384 pages faulted in; tuned, the heap is reused.
-    assert faults("0") > 5 * 10_000
-    assert faults("1") < 2_000
+    # Untuned, every 64 MiB allocation is a fresh mmap: 20 x 16384 pages faulted in. Tuned, the heap grows
+    # to a few such blocks over the first allocations (seen: up to 4 after the warm-up), then reuses them.
+    assert faults("0") >= 20 * 16_000
+    assert faults("1") <= 8 * 16_400
