@@ -202,3 +202,27 @@ def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_it_in_again():
     # to a few such blocks over the first allocations (seen: up to 4 after the warm-up), then reuses them.
     assert faults("0") >= 20 * 16_000
     assert faults("1") <= 8 * 16_400
+
+
+_LATE = """
+import sys, threading
+helper = threading.Thread(target=lambda: [bytearray(100_000) for _ in range(50)])  # allocates first
+helper.start()
+helper.join()  # gone, but its arena stays
+import logging
+logging.basicConfig()
+from elgs.compute import tune_allocator
+print(tune_allocator(True))
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="malloc tuning is for glibc")
+def test_elgs_tunes_the_allocator_before_any_other_thread_and_warns_when_too_late():
+    import subprocess
+    import sys
+
+    late = subprocess.run([sys.executable, "-c", _LATE], capture_output=True, text=True, timeout=60)
+    assert late.returncode == 0 and "malloc tuned after other threads allocated (2 arenas)" in late.stderr
+    # The CLI tunes first thing, while it is the only thread: no warning.
+    quiet = subprocess.run([sys.executable, "-m", "elgs", "defenses"], capture_output=True, text=True, timeout=60)
+    assert quiet.returncode == 0 and "malloc tuned after" not in quiet.stderr

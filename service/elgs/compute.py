@@ -11,6 +11,7 @@ and runs both passes; the event loop and helper threads touch only bytes, Pillow
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 COMPUTE_THREAD_PREFIX = "elgs-compute"
 
@@ -86,6 +88,10 @@ def tune_allocator(enabled: bool | None = None) -> bool:
     (``M_TOP_PAD``). Measured: the same request 360-420 ms -> 293 ms in a compute thread, page faults
     ~0. The price: the process keeps up to 1 GiB of freed memory (reused by the next pass or decode).
 
+    Call it while the process has one thread (the CLI does, first thing; :func:`elgs.api.create_app` does
+    too): glibc fixes the number of arenas when a second thread first allocates, after which a compute
+    thread gets an arena of its own whose large blocks are still mapped and unmapped on every pass.
+
     Args:
         enabled: None reads the ``malloc_tuning`` setting (``ELGS_MALLOC_TUNING``, default on).
 
@@ -117,10 +123,39 @@ def tune_allocator(enabled: bool | None = None) -> bool:
                 libc = ctypes.CDLL("libc.so.6")
             except OSError:
                 return False
+            arenas = malloc_arenas(libc)
+            if arenas > 1:
+                logger.warning("malloc tuned after other threads allocated (%d arenas): a compute thread may get an "
+                               "arena whose large blocks are still unmapped after every pass; tune earlier, or start "
+                               "the process with MALLOC_ARENA_MAX=1", arenas)
             results = [libc.mallopt(_M_ARENA_MAX, 1), libc.mallopt(_M_MMAP_MAX, 0),
                        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30), libc.mallopt(_M_TOP_PAD, 64 << 20)]
             _allocator_tuned = all(result == 1 for result in results)
     return _allocator_tuned
+
+
+def malloc_arenas(libc=None) -> int:
+    """How many malloc arenas glibc has made so far (``malloc_info``'s heaps); 0 where unknown."""
+    import ctypes
+
+    try:
+        libc = libc or ctypes.CDLL("libc.so.6")
+        libc.open_memstream.restype = ctypes.c_void_p
+        libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)]
+        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.fclose.argtypes = [ctypes.c_void_p]
+        libc.free.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return 0
+    buffer, size = ctypes.c_char_p(), ctypes.c_size_t()
+    stream = libc.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
+    if not stream:
+        return 0
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    text = ctypes.string_at(buffer, size.value).decode("ascii", "replace")
+    libc.free(ctypes.cast(buffer, ctypes.c_void_p))
+    return text.count("<heap nr=")
 
 
 class ComputeThread:

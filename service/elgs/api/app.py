@@ -25,6 +25,7 @@ from elgs.api.routes.page import STATIC_DIR
 from elgs.api.settings import Settings
 from elgs.api.state import ServiceState, load_models_placed
 from elgs.api.uploads import BodyLimitMiddleware, DecodePool
+from elgs.compute import tune_allocator
 from elgs.models import LoadedModel
 
 logger = logging.getLogger("elgs.api")
@@ -64,6 +65,8 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         The FastAPI app; its lifespan loads and warms up the models and shuts the batchers down.
     """
     settings = settings or Settings()
+    if service_factory is None:
+        tune_allocator(settings.malloc_tuning)  # before the server's threads allocate (elgs.compute)
     service_metrics = ServiceMetrics()
 
     @asynccontextmanager

@@ -42,14 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "torch_in_main_thread", True):  # elgs serve sets them in its compute threads
-            from elgs.compute import set_torch_threads, tune_allocator
+        from elgs.compute import set_torch_threads, tune_allocator
 
-            try:
+        try:
+            tune_allocator()  # first, while this is the process's only thread
+            if getattr(args, "torch_in_main_thread", True):  # elgs serve sets them in its compute threads
                 set_torch_threads()
-                tune_allocator()
-            except ValueError as error:
-                raise CommandError(str(error)) from None
+        except ValueError as error:
+            raise CommandError(str(error)) from None
         return int(args.handler(args) or 0)
     except CommandError as error:
         print(f"elgs {args.command}: error: {error}", file=sys.stderr)
