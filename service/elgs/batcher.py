@@ -528,9 +528,9 @@ class Batcher:
 
     def _room_for_more(self) -> bool:
         """Whether the queued requests fit one batch that could still take another request."""
-        rows = sum(item.rows for item in self._pending)
-        return len(self._pending) < self.max_batch_size and rows < self.max_batch_rows \
-            and self._batch_length() == len(self._pending)
+        packer = self._packer()
+        fit = all(packer.add(item.rows) == 0 for item in self._pending)
+        return fit and packer.size < packer.max_size and packer.rows < packer.max_rows
 
     async def _run(self, batch: list[_Item]) -> None:
         self._notify("batch", len(batch))

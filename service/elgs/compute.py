@@ -40,16 +40,9 @@ def torch_threads(threads: int | None = None) -> int:
         ValueError: the value is not a positive integer.
     """
     if threads is None:
-        from pydantic import ValidationError
+        from elgs.settings import read_settings
 
-        from elgs.settings import Settings
-
-        try:
-            threads = Settings().torch_threads
-        except ValidationError as error:
-            problems = "; ".join(f"ELGS_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']} (got {e.get('input')!r})"
-                                 for e in error.errors())
-            raise ValueError(f"invalid setting: {problems}") from None
+        threads = read_settings().torch_threads
         if threads is None:
             return available_cores()
     if threads < 1:
@@ -103,34 +96,32 @@ def tune_allocator(enabled: bool | None = None) -> bool:
     if _allocator_tuned is not None:  # decided once per process: malloc's arenas are set up by then
         return _allocator_tuned
     if enabled is None:
-        from pydantic import ValidationError
-
-        from elgs.settings import Settings
+        from elgs.settings import Settings, read_settings
 
         try:
-            enabled = Settings().malloc_tuning
-        except ValidationError:  # another setting is bad: that one's reader reports it
+            enabled = read_settings().malloc_tuning
+        except ValueError:  # another setting is bad: that one's reader reports it
             enabled = Settings.model_fields["malloc_tuning"].default
     if not enabled:
         return False
-    if _allocator_tuned is None:
-        import ctypes
-        import platform
+    import ctypes
+    import platform
 
-        _allocator_tuned = False
-        if platform.libc_ver()[0] == "glibc":
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-            except OSError:
-                return False
-            arenas = malloc_arenas(libc)
-            if arenas > 1:
-                logger.warning("malloc tuned after other threads allocated (%d arenas): a compute thread may get an "
-                               "arena whose large blocks are still unmapped after every pass; tune earlier, or start "
-                               "the process with MALLOC_ARENA_MAX=1", arenas)
-            results = [libc.mallopt(_M_ARENA_MAX, 1), libc.mallopt(_M_MMAP_MAX, 0),
-                       libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30), libc.mallopt(_M_TOP_PAD, 64 << 20)]
-            _allocator_tuned = all(result == 1 for result in results)
+    _allocator_tuned = False
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    arenas = malloc_arenas(libc)
+    if arenas > 1:
+        logger.warning("malloc tuned after other threads allocated (%d arenas): a compute thread may get an "
+                       "arena whose large blocks are still unmapped after every pass; tune earlier, or start "
+                       "the process with MALLOC_ARENA_MAX=1", arenas)
+    results = [libc.mallopt(_M_ARENA_MAX, 1), libc.mallopt(_M_MMAP_MAX, 0),
+               libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30), libc.mallopt(_M_TOP_PAD, 64 << 20)]
+    _allocator_tuned = all(result == 1 for result in results)
     return _allocator_tuned
 
 

@@ -104,3 +104,20 @@ class Settings(BaseSettings):
         if self.max_batch_size is not None:
             return self.max_batch_size
         return CUDA_MAX_BATCH_SIZE if device.type == "cuda" else CPU_MAX_BATCH_SIZE
+
+
+def read_settings(**overrides) -> Settings:
+    """:class:`Settings` from the environment and ``overrides``, or a ValueError that names each bad one.
+
+    Raises:
+        ValueError: ``invalid setting: max_batch_size (ELGS_MAX_BATCH_SIZE): ... (got 0)``, one entry per problem.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))} (ELGS_{str(e['loc'][0]).upper() if e['loc'] else '?'}): {e['msg']} "
+            f"(got {e.get('input')!r})" for e in error.errors())
+        raise ValueError(f"invalid setting: {problems}") from None

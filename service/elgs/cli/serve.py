@@ -79,21 +79,19 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
-    from pydantic import ValidationError
 
-    from elgs.api import Settings, create_app
+    from elgs.api import create_app
     from elgs.api.middleware import CONNECTION_HEADROOM
     from elgs.models import WeightsUnavailableError
+    from elgs.settings import read_settings
 
     overrides = {field: getattr(args, field) for field in (
         "models", "host", "port", "weights", "weights_dir", "device", "input_size", "max_batch_size", "max_batch_rows",
-        "max_wait_ms",
-        "max_queue", "request_timeout_s", "max_connections", "torch_threads") if getattr(args, field) is not None}
+        "max_wait_ms", "max_queue", "request_timeout_s", "max_connections", "torch_threads") if getattr(args, field) is not None}
     try:
-        settings = Settings(**overrides)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise CommandError(f"invalid setting: {problems}") from None
+        settings = read_settings(**overrides)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     # Checked here so a missing weights file is a one-line error; the lifespan loads each model in the
     # thread that will run it (a failed download there stops the server with "cannot start: ...").
     try:
