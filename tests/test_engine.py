@@ -141,20 +141,26 @@ def test_attack_score_decision_and_final_predictions(photos):
     from elgs.thresholds import AttackThresholds, ThresholdEntry
 
     model = make_tiny_model()
-    x = photos["chelsea"]
-    (free,) = Engine(model).run([Request(image=x, method="lgs", lam=10.0)])
+    x = photos["astronaut"]  # LGS 3.5 changes the tiny model's top-1 on it (1 -> 8), and hard removal too
+    (free,) = Engine(model).run([Request(image=x, method="lgs", lam=3.5)])
     score = free.attack_score
+    assert free.defended_predictions[0].index != free.predictions[0].index
     assert 0 < score <= 2 and free.attacked is None and free.final_predictions == free.defended_predictions
-    assert free.defended_predictions != free.predictions  # lambda 10 changes the tiny model's answer
+    assert free.removal_prediction.index != free.predictions[0].index
+    assert [s.method for s in free.stages] == ["lgs"] and free.path is None and free.escalate is None
     below = AttackThresholds(model="tiny", input_size=32, fpr=0.05, images=10, data="",
-                             entries=(ThresholdEntry("lgs", 10.0, None, score / 2),))
-    (flagged,) = Engine(model, thresholds=below).run([Request(image=x, method="lgs", lam=10.0)])
-    assert flagged.attacked is True and flagged.attack_threshold == score / 2
+                             entries=(ThresholdEntry("lgs", 3.5, None, score / 2),))
+    (flagged,) = Engine(model, thresholds=below).run([Request(image=x, method="lgs", lam=3.5)])
+    assert flagged.attacked is True and flagged.attack_threshold == score / 2 and flagged.stages[0].flagged is True
     assert flagged.final_predictions == flagged.defended_predictions
-    (kept,) = Engine(model, thresholds=below).run([Request(image=x, method="lgs", lam=10.0, attack_threshold=2.0)])
+    (kept,) = Engine(model, thresholds=below).run([Request(image=x, method="lgs", lam=3.5, attack_threshold=2.0)])
     assert kept.attacked is False and kept.final_predictions == kept.predictions
+    (unchanged,) = Engine(model).run([Request(image=photos["chelsea"], method="lgs", lam=10.0)])
+    assert unchanged.defended_predictions[0].index == unchanged.predictions[0].index and unchanged.attack_score > 0.05
+    assert unchanged.attacked is False and unchanged.final_predictions == unchanged.predictions  # no threshold needed
     (uncalibrated,) = Engine(model, thresholds=below).run([Request(image=x, method="median")])
-    assert uncalibrated.attack_threshold is None and uncalibrated.attacked is None
+    assert uncalibrated.attack_threshold is None and uncalibrated.removal_prediction is None
+    assert uncalibrated.attacked is (None if uncalibrated.defended_predictions[0].index != 1 else False)
     (classified,) = Engine(model).run([Request(image=x, task="classify")])
     assert classified.attack_score is None and classified.final_predictions is None
 

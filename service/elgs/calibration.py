@@ -1,11 +1,12 @@
 """Calibrate the attack-score thresholds of a model on clean images (``elgs calibrate``).
 
 For every method and lambda (and, for SLGS/WLGS, every saliency estimator asked for) the clean
-images go through the engine's two passes and the attack score (L1 distance of the two softmax
+images go through the engine's own two passes and the attack score (L1 distance of the two softmax
 vectors) is recorded. The threshold is the smallest score that at most a fraction ``fpr`` of the
 clean images exceed (:func:`threshold_at_fpr`). Pass 1 runs once per image and estimator and is
-shared by every method and lambda; each setting costs one pass 2. The results are what
-:class:`elgs.engine.Engine` computes for the same requests (a test checks it).
+shared by every method and lambda; each setting costs one pass 2. The code is the engine's
+(:func:`elgs.engine.first_pass`, :func:`~elgs.engine.defend`, :func:`~elgs.engine.second_pass`), so the
+scores are what the service computes for the same requests (a test checks it).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from elgs.defenses import DEFAULT_THRESHOLD, DefenseInput, get_defense, parse_saliency, saliency_pass
-from elgs.engine import attack_scores
+from elgs.defenses import DEFAULT_THRESHOLD, get_defense, parse_saliency
+from elgs.engine import ModelDefaults, Request, attack_scores, defend, first_pass, resolve_request, second_pass
 from elgs.models import LoadedModel
 from elgs.thresholds import AttackThresholds, ThresholdEntry
 
@@ -68,7 +69,11 @@ def settings_for(model: LoadedModel, methods: Sequence[str], lambdas: Sequence[f
     specs = list(dict.fromkeys(specs))
     lambdas = sorted(set(lambdas) | {model.spec.default_lambda})
     settings = []
-    for method in methods:
+    expanded = []
+    for method in methods:  # a cascade is judged by its screen's and its strong defence's thresholds
+        defense = get_defense(method)
+        expanded += [defense.screen, defense.escalates_to] if defense.escalates_to else [method]
+    for method in dict.fromkeys(expanded):
         defense = get_defense(method)
         for lam in lambdas if defense.uses_lambda else [None]:
             for spec in specs if defense.needs_saliency else [None]:
@@ -76,44 +81,99 @@ def settings_for(model: LoadedModel, methods: Sequence[str], lambdas: Sequence[f
     return settings
 
 
-def clean_scores(model: LoadedModel, chunks: Iterable[torch.Tensor], settings: Sequence[Setting],
-                 threshold: float = DEFAULT_THRESHOLD) -> dict[Setting, torch.Tensor]:
-    """Attack scores of clean images for each setting.
+@dataclass
+class CleanViews:
+    """Per setting, what the engine's verdict needs of each clean image (N images, in order).
+
+    Attributes:
+        scores: attack scores (N,).
+        changed: whether the defence changed the top-1, (N,) bool.
+        survives: whether the original top-1 survives the removal check, (N,) bool (False without one).
+        kinds: the kind of each image (e.g. ``crops``, ``photos``), N strings.
+    """
+
+    scores: torch.Tensor
+    changed: torch.Tensor
+    survives: torch.Tensor
+    kinds: list[str]
+
+    def attacked(self, threshold: float) -> torch.Tensor:
+        """The verdict at ``threshold`` for each image (:func:`elgs.engine.judge`, vectorised), (N,) bool."""
+        return self.changed & (self.scores > threshold) & ~self.survives
+
+    def flagged_by_kind(self, threshold: float) -> dict[str, float]:
+        """The share of each kind's images the verdict calls attacked at ``threshold``."""
+        attacked = self.attacked(threshold)
+        return {kind: round(float(attacked[[k == kind for k in self.kinds]].float().mean()), 6)
+                for kind in dict.fromkeys(self.kinds)}
+
+
+Chunk = torch.Tensor | tuple[torch.Tensor, Sequence[str]]
+
+
+def _setting_request(image: torch.Tensor, setting: Setting, threshold: float) -> Request:
+    return Request(image=image, task="defend", method=setting.method, lam=setting.lam, threshold=threshold,
+                   saliency=setting.saliency)
+
+
+def clean_views(model: LoadedModel, chunks: Iterable[Chunk], settings: Sequence[Setting],
+                threshold: float = DEFAULT_THRESHOLD) -> dict[Setting, CleanViews]:
+    """What the engine's two passes give clean images for each setting.
+
+    The passes are the engine's own (:func:`elgs.engine.first_pass`, :func:`~elgs.engine.defend`,
+    :func:`~elgs.engine.second_pass`): pass 1 runs once per chunk and estimator, each setting adds a pass 2.
 
     Args:
         model: the model.
-        chunks: batches of pixel-space images (b, 3, S, S) in [0, 1].
+        chunks: batches of pixel-space images (b, 3, S, S) in [0, 1], each alone (kind ``images``) or with
+            the kind of each image, e.g. ``(images, ["crops"] * b)``.
         settings: what to score.
         threshold: the gradient-map block threshold.
-
-    Returns:
-        ``{setting: scores (N,)}``.
     """
-    scores: dict[Setting, list[torch.Tensor]] = {s: [] for s in settings}
+    defaults = ModelDefaults.of_model(model)
+    collected: dict[Setting, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {s: [] for s in settings}
+    kinds: list[str] = []
     specs = list(dict.fromkeys(s.saliency for s in settings))
-    for images in chunks:
-        x = images.to(device=model.device, dtype=torch.float32)
-        batch = x.shape[0]
+    for chunk in chunks:
+        images, chunk_kinds = chunk if isinstance(chunk, tuple) else (chunk, ["images"] * chunk.shape[0])
+        kinds.extend(chunk_kinds)
+        x = model.to_input(images.to(dtype=torch.float32))
         for spec in specs:
-            config = parse_saliency(spec) if spec is not None else None
-            first = saliency_pass(model.module, x, model.normalize, [config] * batch)
-            for setting in (s for s in settings if s.saliency == spec):
-                defense = get_defense(setting.method)
-                output = defense.apply(DefenseInput(
-                    x=x, mean=model.mean, std=model.std, lam=torch.full((batch,), setting.lam or 0.0, device=x.device),
-                    threshold=torch.full((batch,), threshold, device=x.device), saliency=first.saliency,
-                    saliency_quantile=torch.full((batch,), config.quantile, device=x.device) if config else None,
-                ))
-                with torch.inference_mode():
-                    defended = model.module(model.normalize(output.image.to(torch.float32)))
-                scores[setting].append(attack_scores(first.logits, defended).cpu())
-    return {s: torch.cat(v) if v else torch.empty(0) for s, v in scores.items()}
+            group = [s for s in settings if s.saliency == spec]
+            first = first_pass(model, x, [resolve_request(_setting_request(image, group[0], threshold), defaults)
+                                          for image in images])
+            original_top1 = first.logits.argmax(dim=1)
+            for setting in group:
+                requests = [resolve_request(_setting_request(image, setting, threshold), defaults) for image in images]
+                defended = defend(model, x, requests, first.saliency)
+                logits, removal_logits = second_pass(model, defended)
+                survives = torch.zeros(len(requests), dtype=torch.bool, device=x.device)
+                if defended.removal_rows:
+                    rows = torch.tensor(defended.removal_rows, device=x.device)
+                    survives[rows] = removal_logits.argmax(dim=1) == original_top1[rows]
+                collected[setting].append((attack_scores(first.logits, logits).cpu(),
+                                           (logits.argmax(dim=1) != original_top1).cpu(), survives.cpu()))
+    return {s: CleanViews(scores=torch.cat([v[0] for v in values]), changed=torch.cat([v[1] for v in values]),
+                          survives=torch.cat([v[2] for v in values]), kinds=list(kinds))
+            if values else CleanViews(torch.empty(0), torch.empty(0, dtype=torch.bool),
+                                      torch.empty(0, dtype=torch.bool), [])
+            for s, values in collected.items()}
 
 
-def calibrate(model: LoadedModel, chunks: Iterable[torch.Tensor], *, fpr: float = 0.05,
+def clean_scores(model: LoadedModel, chunks: Iterable[Chunk], settings: Sequence[Setting],
+                 threshold: float = DEFAULT_THRESHOLD) -> dict[Setting, torch.Tensor]:
+    """Attack scores of clean images for each setting, ``{setting: scores (N,)}`` (:func:`clean_views`)."""
+    return {s: views.scores for s, views in clean_views(model, chunks, settings, threshold).items()}
+
+
+def calibrate(model: LoadedModel, chunks: Iterable[Chunk], *, fpr: float = 0.05,
               methods: Sequence[str] = DEFAULT_METHODS, lambdas: Sequence[float] = DEFAULT_LAMBDAS,
               saliencies: Sequence[str] = (), data: str = "") -> AttackThresholds:
     """Thresholds of ``model`` at false-positive rate ``fpr`` from clean images.
+
+    The threshold is the score that at most ``fpr`` of the clean images exceed; each entry also records the
+    share of clean images the full verdict (changed top-1, score, removal check) calls attacked, overall
+    (``clean_flagged``) and per kind of image (``flagged_by_kind``).
 
     Returns:
         :class:`~elgs.thresholds.AttackThresholds` ready for :func:`elgs.thresholds.write_calibration`.
@@ -121,15 +181,16 @@ def calibrate(model: LoadedModel, chunks: Iterable[torch.Tensor], *, fpr: float 
     if not 0 <= fpr < 1:
         raise ValueError(f"fpr must be in [0, 1), got {fpr}")
     settings = settings_for(model, methods, lambdas, saliencies)
-    scores = clean_scores(model, chunks, settings)
-    images = next(iter(scores.values())).numel() if scores else 0
+    views = clean_views(model, chunks, settings)
+    images = next(iter(views.values())).scores.numel() if views else 0
     if images == 0:
         raise ValueError("no images to calibrate on")
     entries = []
-    for setting, values in scores.items():
-        threshold = threshold_at_fpr(values, fpr)
+    for setting, clean in views.items():
+        threshold = threshold_at_fpr(clean.scores, fpr)
         entries.append(ThresholdEntry(method=setting.method, lam=setting.lam, saliency=setting.saliency,
                                       threshold=threshold,
-                                      clean_flagged=round(float((values > threshold).float().mean()), 6)))
+                                      clean_flagged=round(float(clean.attacked(threshold).float().mean()), 6),
+                                      flagged_by_kind=clean.flagged_by_kind(threshold)))
     return AttackThresholds(model=model.name, input_size=model.input_size, fpr=fpr, images=images, data=data,
                             entries=tuple(entries), default_saliency=parse_saliency(model.spec.default_saliency).spec)

@@ -4,18 +4,26 @@ Pass 1 is one forward on the original images; it carries the input gradient only
 of the batch needs a saliency map (``slgs``, ``wlgs``, the ``saliency`` task), and then one backward
 of those requests' summed losses. A ``smoothgrad`` request adds its noisy copies to that same
 forward (:func:`elgs.defenses.saliency_pass`). The defences run batched per method. Pass 2 is one
-forward on all defended images. Every ``defend`` result carries the attack score (L1 distance of
-the two softmax vectors), the decision against the model's calibrated threshold
-(:mod:`elgs.thresholds`) and the predictions to trust. The engine knows nothing of HTTP; the
-batcher, the CLI and the attack evaluation call it.
+forward on all defended images, plus, for the gradient defences, each image with its suspected patch
+removed outright (the removal check). Every ``defend`` result carries the attack score (L1 distance
+of the two softmax vectors), the verdict (:func:`judge`) against the model's calibrated threshold
+(:mod:`elgs.thresholds`) and the predictions to trust.
+
+A cascade (``auto``) runs in rounds: :meth:`Engine.run_round` screens (pass 1 without a gradient,
+LGS, pass 2) and answers the requests its screen passes; a flagged one comes back with
+``Result.escalate``, the strong stage's request, which the caller runs in a later round (the
+batcher, batched with other flagged requests; :meth:`Engine.run` at once). So a request costs at
+most four model calls and a batch of clean ones two. The engine knows nothing of HTTP; the batcher,
+the CLI, calibration and the attack evaluation call it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -25,12 +33,15 @@ from elgs.defenses import (
     DEFAULT_THRESHOLD,
     LAMBDA_RANGE,
     THRESHOLD_RANGE,
+    Defense,
     DefenseInput,
+    PassOne,
     SaliencyConfig,
     get_defense,
     parse_saliency,
     saliency_pass,
     saliency_region,
+    smooth_pixels,
 )
 from elgs.models import LoadedModel
 from elgs.thresholds import SCORE_RANGE, AttackThresholds, load_thresholds
@@ -51,6 +62,36 @@ class InvalidParameterError(ValueError):
 
 
 @dataclass(frozen=True)
+class Prediction:
+    """A class and its softmax probability."""
+
+    index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One defence's view of a request and what its verdict said.
+
+    Attributes:
+        method: the defence that made the view (``lgs`` for ``auto``'s screen, ``slgs`` for its strong path).
+        lam: its lambda.
+        attack_score: L1 distance of the original and defended softmax vectors, in [0, 2].
+        attack_threshold: the threshold it was judged against (None: not calibrated).
+        flagged: the defence changed the top-1 and the score is above the threshold (None: no threshold).
+        predictions: the defended top-5.
+    """
+
+    method: str
+    lam: float | None
+    attack_score: float
+    attack_threshold: float | None
+    flagged: bool | None
+    predictions: list[Prediction]
+
+
+@dataclass(frozen=True)
 class Request:
     """One image and what to do with it.
 
@@ -65,7 +106,10 @@ class Request:
         saliency: saliency estimator spec (:func:`elgs.defenses.parse_saliency`), used by ``slgs``,
             ``wlgs`` and the ``saliency`` task; None takes the model's default. Resolved requests hold
             the canonical spec.
-        attack_threshold: attack-score threshold in [0, 2] overriding the calibrated one (``defend``).
+        attack_threshold: attack-score threshold in [0, 2] overriding the calibrated one (``defend``; for a
+            cascade, its strong stage's: the one that decides ``attacked``).
+        screen: set on a cascade's second round only: what its screen saw (the engine then runs the
+            cascade's strong defence); made by the engine (``Result.escalate``), never by a client.
     """
 
     image: torch.Tensor | np.ndarray | None
@@ -75,15 +119,7 @@ class Request:
     threshold: float | None = None
     saliency: str | None = None
     attack_threshold: float | None = None
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """A class and its softmax probability."""
-
-    index: int
-    label: str
-    score: float
+    screen: Stage | None = None
 
 
 @dataclass
@@ -104,8 +140,14 @@ class Result:
         saliency_method: canonical spec of the saliency estimator used (None when none was).
         attack_score: L1 distance between the softmax vectors of pass 1 and pass 2, in [0, 2] (``defend``).
         attack_threshold: the threshold ``attacked`` was decided with (None: not calibrated).
-        attacked: ``attack_score > attack_threshold``; None when there is no threshold.
+        attacked: the verdict (:func:`judge`); None when it needed a threshold and there is none.
         final_predictions: the defended top-5 when attacked (or undecided), else the original top-5.
+        removal_prediction: top-1 with the suspected patch removed outright (gradient defences), which
+            the verdict checks the original answer against.
+        stages: every defence view the request computed, in order (a cascade: screen, then strong).
+        path: for a cascade, ``screen`` (its screen answered) or ``strong``; None otherwise.
+        escalate: for a cascade's screen that flagged the image, the request of its strong stage, to be
+            run in a later round; None otherwise (then the result is final).
     """
 
     predictions: list[Prediction]
@@ -123,6 +165,10 @@ class Result:
     attack_threshold: float | None = None
     attacked: bool | None = None
     final_predictions: list[Prediction] | None = None
+    removal_prediction: Prediction | None = None
+    stages: list[Stage] = field(default_factory=list)
+    path: str | None = None
+    escalate: Request | None = None
 
 
 def _check_range(name: str, value: float, bounds: tuple[float, float]) -> float:
@@ -155,6 +201,24 @@ def decide(score: float, threshold: float | None) -> bool | None:
     return None if threshold is None else bool(score > threshold)
 
 
+def judge(original_top1: int, defended_top1: int, score: float, threshold: float | None,
+          removal_top1: int | None = None) -> tuple[bool | None, bool | None]:
+    """A defence's verdict on one image: ``(flagged, attacked)`` (design.md, section 2.6).
+
+    ``flagged``: the defence changed the top-1 *and* moved the softmax by more than ``threshold`` (a
+    probability shift that keeps the answer is harmless). ``attacked``: flagged, and the original
+    top-1 does not survive removing the suspected patch outright (``removal_top1``; when it survives,
+    the patch was not what made the answer, so a defence that changed it was steered, not repairing).
+    Without a threshold a changed top-1 is undecided (None); an unchanged one is never attacked.
+    """
+    if defended_top1 == original_top1:
+        return False, False
+    flagged = decide(score, threshold)
+    if not flagged:
+        return flagged, flagged
+    return True, removal_top1 is None or removal_top1 != original_top1
+
+
 def resolve_saliency(spec: str | None, default: SaliencyConfig | str) -> SaliencyConfig:
     """A request's ``?saliency=`` spec resolved against a model's default estimator (None: the default).
 
@@ -177,6 +241,12 @@ class ModelDefaults:
     input_size: int
     default_lambda: float
     default_saliency: str = "gradient"
+
+    @classmethod
+    def of_model(cls, model: LoadedModel) -> ModelDefaults:
+        """The defaults of a loaded model (its spec)."""
+        return cls(name=model.name, input_size=model.input_size, default_lambda=model.spec.default_lambda,
+                   default_saliency=getattr(model.spec, "default_saliency", "gradient"))
 
     @classmethod
     def of(cls, description: dict) -> ModelDefaults:
@@ -230,19 +300,110 @@ def resolve_request(request: Request, model: ModelDefaults) -> Request:
     if defense.uses_threshold:
         threshold = _check_range("threshold", DEFAULT_THRESHOLD if request.threshold is None else request.threshold,
                                  THRESHOLD_RANGE)
-    saliency = resolve_saliency(request.saliency, model.default_saliency).spec if defense.needs_saliency else None
+    uses_saliency = defense.needs_saliency or (defense.escalates_to and get_defense(defense.escalates_to).needs_saliency)
+    saliency = resolve_saliency(request.saliency, model.default_saliency).spec if uses_saliency else None
+    if request.screen is not None and defense.escalates_to is None:
+        raise InvalidParameterError(f"only a cascade has a second round, not {request.method!r}")
     return Request(image=request.image, task="defend", method=request.method, lam=lam, threshold=threshold,
-                   saliency=saliency, attack_threshold=attack_threshold)
+                   saliency=saliency, attack_threshold=attack_threshold, screen=request.screen)
+
+
+def stage_defense(request: Request) -> Defense:
+    """The defence a resolved ``defend`` request runs in this round: its method's, or for a cascade its
+    screen's (first round) or its strong defence's (second round, ``request.screen`` set)."""
+    defense = get_defense(request.method)
+    if defense.escalates_to is None:
+        return defense
+    return get_defense(defense.escalates_to if request.screen is not None else defense.screen)
 
 
 def needs_saliency(request: Request) -> bool:
     """Whether a resolved request's pass 1 carries the input gradient."""
-    return request.task == "saliency" or (request.task == "defend" and get_defense(request.method).needs_saliency)
+    return request.task == "saliency" or (request.task == "defend" and stage_defense(request).needs_saliency)
 
 
 def pass_one_rows(request: Request) -> int:
     """Rows a resolved request adds to pass 1: the copies of its saliency estimator (SmoothGrad's ``n``), else 1."""
     return parse_saliency(request.saliency).n if needs_saliency(request) else 1
+
+
+def first_pass(model: LoadedModel, x: torch.Tensor, requests: Sequence[Request]) -> PassOne:
+    """Pass 1 of a batch of resolved requests: logits (B, N) and, where a request needs one, ``S`` (B, H, W).
+
+    One model call; with the input gradient only when a request needs a saliency map.
+    """
+    configs = [parse_saliency(r.saliency) if needs_saliency(r) else None for r in requests]
+    return saliency_pass(model.forward, x, model.normalize, configs, k=TOP_K, network=model.module)
+
+
+@dataclass(frozen=True)
+class DefendedBatch:
+    """What the defences made of a batch of ``D`` defend requests.
+
+    Attributes:
+        images: defended images (D, 3, H, W) in [0, 1].
+        masks: applied suppression (D, 1, H, W) in [0, 1].
+        removal_rows: the rows that get the removal check (gradient defences, not a cascade's screen).
+        removal_images: those rows' images with the suspected patch replaced by the mean colour, (R, 3, H, W).
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    removal_rows: list[int]
+    removal_images: torch.Tensor
+
+
+def checks_removal(request: Request) -> bool:
+    """Whether the verdict of a resolved ``defend`` request takes the removal check (not a cascade's screen:
+    its flag only escalates, and the screen must cost two forwards)."""
+    return get_defense(request.method).escalates_to is None or request.screen is not None
+
+
+def defend(model: LoadedModel, x: torch.Tensor, requests: Sequence[Request],
+           saliency: torch.Tensor | None) -> DefendedBatch:
+    """Apply each request's defence (batched per defence) to its image.
+
+    Args:
+        model: supplies mean and std.
+        x: pixel-space images (D, 3, H, W) in [0, 1], one per resolved ``defend`` request.
+        requests: the requests, in the order of ``x``.
+        saliency: ``S`` (D, H, W) from pass 1 (rows of defences without saliency are ignored), or None.
+    """
+    images = torch.empty_like(x)
+    masks = torch.empty((x.shape[0], 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+    removal = torch.zeros_like(masks)
+    has_removal = [False] * len(requests)
+    by_defense: dict[str, list[int]] = {}
+    for row, request in enumerate(requests):
+        by_defense.setdefault(stage_defense(request).name, []).append(row)
+    for name, rows in by_defense.items():
+        defense = get_defense(name)
+        index = torch.tensor(rows, device=x.device)
+        chosen = [requests[r] for r in rows]
+        output = defense.apply(DefenseInput.of(
+            x[index], model.mean, model.std, lam=[r.lam for r in chosen], threshold=[r.threshold for r in chosen],
+            saliency=saliency[index] if defense.needs_saliency else None,
+            saliency_quantile=[parse_saliency(r.saliency).quantile for r in chosen] if defense.needs_saliency else None,
+        ))
+        images[index] = output.image.to(x.dtype)
+        masks[index] = output.mask.to(x.dtype)
+        if output.removal is not None:
+            removal[index] = output.removal.to(x.dtype)
+            for r in rows:
+                has_removal[r] = checks_removal(requests[r])
+    removal_rows = [r for r, flag in enumerate(has_removal) if flag]
+    index = torch.tensor(removal_rows, device=x.device, dtype=torch.long)
+    removal_images = smooth_pixels(x[index], removal[index], model.mean.to(device=x.device, dtype=x.dtype))
+    return DefendedBatch(images=images, masks=masks, removal_rows=removal_rows, removal_images=removal_images)
+
+
+def second_pass(model: LoadedModel, defended: DefendedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 2, one model call: logits of the defended images (D, N) and of the removal images (R, N)."""
+    inputs = torch.cat([defended.images, defended.removal_images]) if defended.removal_rows else defended.images
+    with torch.inference_mode():
+        logits = model.forward(model.normalize(inputs))
+    count = defended.images.shape[0]
+    return logits[:count], logits[count:]
 
 
 class Engine:
@@ -252,12 +413,15 @@ class Engine:
         model: the loaded model.
         thresholds: attack-score thresholds; None reads the calibration files for ``model``
             (:func:`elgs.thresholds.load_thresholds`), which finds none for random weights.
+        calibration_file: the user's calibration file (``Settings.calibration_file``), read before the shipped
+            one when ``thresholds`` is None; None: the default location.
     """
 
-    def __init__(self, model: LoadedModel, thresholds: AttackThresholds | None = None) -> None:
+    def __init__(self, model: LoadedModel, thresholds: AttackThresholds | None = None,
+                 calibration_file: str | os.PathLike | None = None) -> None:
         self.model = model
         if thresholds is None:
-            thresholds = load_thresholds(model.name, model.input_size, model.weights)
+            thresholds = load_thresholds(model.name, model.input_size, model.weights, user_file=calibration_file)
         self.thresholds = thresholds
 
     @property
@@ -273,20 +437,24 @@ class Engine:
         """
         return resolve_saliency(spec, self.default_saliency)
 
-    def attack_threshold(self, request: Request) -> float | None:
-        """The threshold that decides ``attacked`` for a resolved ``defend`` request."""
-        if request.attack_threshold is not None:
+    def attack_threshold(self, request: Request, defense: Defense | None = None) -> float | None:
+        """The threshold that judges a resolved ``defend`` request's ``defense`` (default: this round's).
+
+        A request's own ``attack_threshold`` judges the defence that decides ``attacked`` (for a cascade,
+        the strong one; its screen keeps the calibrated threshold).
+        """
+        defense = stage_defense(request) if defense is None else defense
+        screening = get_defense(request.method).escalates_to is not None and request.screen is None
+        if request.attack_threshold is not None and not screening:
             return request.attack_threshold
         if self.thresholds is None:
             return None
-        return self.thresholds.lookup(request.method, request.lam, request.saliency)
+        return self.thresholds.lookup(defense.name, request.lam, request.saliency)
 
     @property
     def defaults(self) -> ModelDefaults:
         """The model's name, input size, default lambda and estimator, for :func:`resolve_request`."""
-        return ModelDefaults(name=self.model.name, input_size=self.model.input_size,
-                             default_lambda=self.model.spec.default_lambda,
-                             default_saliency=getattr(self.model.spec, "default_saliency", "gradient"))
+        return ModelDefaults.of_model(self.model)
 
     def resolve(self, request: Request) -> Request:
         """:func:`resolve_request` for this engine's model.
@@ -297,7 +465,8 @@ class Engine:
         """
         return resolve_request(request, self.defaults)
 
-    def _top_k(self, logits: torch.Tensor) -> list[list[Prediction]]:
+    def top_k(self, logits: torch.Tensor) -> list[list[Prediction]]:
+        """The top-5 of each row of ``logits`` (B, N), with labels and softmax probabilities."""
         probabilities = torch.softmax(logits.detach().float(), dim=1)
         scores, indices = probabilities.topk(min(TOP_K, logits.shape[1]), dim=1)
         labels = self.model.labels
@@ -307,44 +476,23 @@ class Engine:
             for row_scores, row_indices in zip(scores.tolist(), indices.tolist())
         ]
 
-    def _pass1(self, x: torch.Tensor, requests: Sequence[Request]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, N) and, when a request needs one, ``S`` (B, H, W) (zeros elsewhere): one model call."""
-        configs = [parse_saliency(r.saliency) if needs_saliency(r) else None for r in requests]
-        result = saliency_pass(self.model.forward, x, self.model.normalize, configs, k=TOP_K,
-                               network=self.model.module)
-        return result.logits, result.saliency
-
-    def _defend(self, x: torch.Tensor, requests: Sequence[Request], rows: list[int],
-                saliency: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Defended images (len(rows), 3, H, W) and masks (len(rows), 1, H, W), batched per method."""
-        images = torch.empty((len(rows), *x.shape[1:]), dtype=x.dtype, device=x.device)
-        masks = torch.empty((len(rows), 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
-        by_method: dict[str, list[int]] = {}
-        for position, row in enumerate(rows):
-            by_method.setdefault(requests[row].method, []).append(position)
-        for method, positions in by_method.items():
-            batch_rows = [rows[p] for p in positions]
-            defense = get_defense(method)
-            index = torch.tensor(batch_rows, device=x.device)
-            output = defense.apply(DefenseInput(
-                x=x[index],
-                mean=self.model.mean.to(x.dtype),
-                std=self.model.std.to(x.dtype),
-                lam=torch.tensor([requests[r].lam or 0.0 for r in batch_rows], dtype=x.dtype, device=x.device),
-                threshold=torch.tensor([requests[r].threshold or 0.0 for r in batch_rows], dtype=x.dtype,
-                                       device=x.device),
-                saliency=saliency[index] if defense.needs_saliency else None,
-                saliency_quantile=torch.tensor(
-                    [parse_saliency(requests[r].saliency).quantile for r in batch_rows], dtype=x.dtype,
-                    device=x.device) if defense.needs_saliency else None,
-            ))
-            target = torch.tensor(positions, device=x.device)
-            images[target] = output.image.to(x.dtype)
-            masks[target] = output.mask.to(x.dtype)
-        return images, masks
-
     def run(self, requests: Sequence[Request]) -> list[Result]:
-        """Run a batch; result ``i`` is computed from ``requests[i]`` alone.
+        """Run a batch to its final answers; result ``i`` is computed from ``requests[i]`` alone.
+
+        A cascade's flagged requests run their strong stage in a second round, together.
+
+        Raises:
+            UnknownMethodError, InvalidParameterError: a request is invalid (nothing runs).
+        """
+        results = self.run_round(requests)
+        escalated = [i for i, result in enumerate(results) if result.escalate is not None]
+        if escalated:
+            for i, result in zip(escalated, self.run_round([results[i].escalate for i in escalated])):
+                results[i] = result
+        return results
+
+    def run_round(self, requests: Sequence[Request]) -> list[Result]:
+        """One round, two passes: a cascade's screen hands its flagged requests back in ``Result.escalate``.
 
         Raises:
             UnknownMethodError, InvalidParameterError: a request is invalid (nothing runs).
@@ -353,46 +501,67 @@ class Engine:
             return []
         requests = [self.resolve(r) for r in requests]
         x = self.model.to_input(torch.stack([r.image for r in requests]))
-        saliency_rows = [i for i, r in enumerate(requests) if needs_saliency(r)]
+        timing: dict[str, float] = {}
+        started = time.perf_counter()
+        first = first_pass(self.model, x, requests)
+        original = self.top_k(first.logits)
+        timing["pass1"] = (time.perf_counter() - started) * 1000
+        results = [Result(predictions=original[i], batch_size=len(requests), timing_ms=timing)
+                   for i in range(len(requests))]
         defend_rows = [i for i, r in enumerate(requests) if r.task == "defend"]
-
-        started = time.perf_counter()
-        logits, saliency = self._pass1(x, requests)
-        original = self._top_k(logits)
-        timing = {"pass1": (time.perf_counter() - started) * 1000}
-
-        started = time.perf_counter()
-        defended_predictions: list[list[Prediction]] = []
-        images = masks = scores = None
         if defend_rows:
-            images, masks = self._defend(x, requests, defend_rows, saliency)
-            timing["defense"] = (time.perf_counter() - started) * 1000
-            started = time.perf_counter()
-            with torch.inference_mode():
-                defended_logits = self.model.forward(self.model.normalize(images))
-            defended_predictions = self._top_k(defended_logits)
-            scores = attack_scores(logits[defend_rows], defended_logits).tolist()
-            timing["pass2"] = (time.perf_counter() - started) * 1000
-            images, masks = images.cpu(), masks.cpu()
-        saliency_cpu = saliency.cpu() if saliency is not None else None
-
-        results = []
-        defend_position = {row: p for p, row in enumerate(defend_rows)}
-        for i, request in enumerate(requests):
-            result = Result(predictions=original[i], batch_size=len(requests), timing_ms=dict(timing))
-            if i in defend_position:
-                p = defend_position[i]
-                result.defended_predictions = defended_predictions[p]
-                result.image, result.mask = images[p], masks[p]
-                result.lam, result.threshold = request.lam, request.threshold
-                result.attack_score = scores[p]
-                result.attack_threshold = self.attack_threshold(request)
-                result.attacked = decide(scores[p], result.attack_threshold)
-                result.final_predictions = original[i] if result.attacked is False else defended_predictions[p]
-            if saliency_cpu is not None and i in saliency_rows:
-                result.saliency = saliency_cpu[i]
-                result.saliency_method = request.saliency
-                if request.task == "saliency":
-                    result.region = saliency_region(saliency_cpu[i : i + 1])[0]
-            results.append(result)
+            self._defend_rows(x, requests, defend_rows, first, results, timing)
+        if first.saliency is not None:
+            saliency = first.saliency.cpu()
+            for i, request in enumerate(requests):
+                if needs_saliency(request):
+                    results[i].saliency, results[i].saliency_method = saliency[i], request.saliency
+                    if request.task == "saliency":
+                        results[i].region = saliency_region(saliency[i : i + 1])[0]
+        for result in results:
+            result.timing_ms = dict(timing)
         return results
+
+    def _defend_rows(self, x: torch.Tensor, requests: list[Request], rows: list[int], first: PassOne,
+                     results: list[Result], timing: dict[str, float]) -> None:
+        """Defence and pass 2 of the ``defend`` rows; fills their results in place."""
+        started = time.perf_counter()
+        index = torch.tensor(rows, device=x.device)
+        chosen = [requests[i] for i in rows]
+        defended = defend(self.model, x[index], chosen,
+                          first.saliency[index] if first.saliency is not None else None)
+        timing["defense"] = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        defended_logits, removal_logits = second_pass(self.model, defended)
+        scores = attack_scores(first.logits[index], defended_logits).tolist()
+        defended_top = self.top_k(defended_logits)
+        removal_top1 = dict(zip(defended.removal_rows, (top[0] for top in self.top_k(removal_logits))))
+        timing["pass2"] = (time.perf_counter() - started) * 1000
+        images, masks = defended.images.cpu(), defended.masks.cpu()
+        for p, i in enumerate(rows):
+            result = results[i]
+            result.image, result.mask = images[p], masks[p]
+            self._judge(chosen[p], result, defended_top[p], scores[p], removal_top1.get(p))
+
+    def _judge(self, request: Request, result: Result, defended: list[Prediction], score: float,
+               removal: Prediction | None) -> None:
+        """Fill one defend result's verdict fields from its views (:func:`judge`)."""
+        defense = stage_defense(request)
+        threshold = self.attack_threshold(request, defense)
+        flagged, attacked = judge(result.predictions[0].index, defended[0].index, score, threshold,
+                                  None if removal is None else removal.index)
+        stage = Stage(method=defense.name, lam=request.lam, attack_score=score, attack_threshold=threshold,
+                      flagged=flagged, predictions=defended)
+        result.defended_predictions, result.lam, result.threshold = defended, request.lam, request.threshold
+        result.attack_score, result.attack_threshold = score, threshold
+        result.stages = [request.screen, stage] if request.screen is not None else [stage]
+        result.removal_prediction = removal
+        cascade = get_defense(request.method)
+        if cascade.escalates_to is not None:
+            result.path = "strong" if request.screen is not None else "screen"
+            if request.screen is None:
+                attacked = False if flagged is False else None
+                if flagged is not False:  # flagged, or changed without a threshold: the strong stage decides
+                    result.escalate = replace(request, screen=stage)
+        result.attacked = attacked
+        result.final_predictions = result.predictions if attacked is False else defended

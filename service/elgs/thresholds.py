@@ -31,14 +31,11 @@ from pathlib import Path
 SCORE_RANGE = (0.0, 2.0)
 
 
-def user_calibration_path() -> Path:
-    """The ``calibration_file`` setting (``$ELGS_CALIBRATION_FILE``), else ``$XDG_CONFIG_HOME/elgs/calibration.json``
-    (``~/.config`` by default)."""
-    from elgs.settings import Settings
-
-    configured = Settings().calibration_file
+def user_calibration_path(configured: str | os.PathLike | None = None) -> Path:
+    """``configured`` (the ``calibration_file`` setting, ``$ELGS_CALIBRATION_FILE``, which the CLI and the app
+    pass down), else ``$XDG_CONFIG_HOME/elgs/calibration.json`` (``~/.config`` by default)."""
     if configured is not None:
-        return configured
+        return Path(configured)
     base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
     return Path(base) / "elgs" / "calibration.json"
 
@@ -57,7 +54,8 @@ class ThresholdEntry:
         lam: lambda (None for methods without one).
         saliency: canonical estimator spec (SLGS/WLGS), else None.
         threshold: the score above which an answer counts as attacked.
-        clean_flagged: fraction of the calibration images above ``threshold``.
+        clean_flagged: fraction of the calibration images the verdict calls attacked at ``threshold``.
+        flagged_by_kind: that fraction per kind of calibration image (e.g. crops, whole photos as PNG or JPEG).
     """
 
     method: str
@@ -65,6 +63,7 @@ class ThresholdEntry:
     saliency: str | None
     threshold: float
     clean_flagged: float = 0.0
+    flagged_by_kind: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -160,15 +159,19 @@ def write_calibration(path: str | os.PathLike, thresholds: AttackThresholds) -> 
 
 
 def load_thresholds(model: str, input_size: int, weights: str = "pretrained",
-                    paths: tuple[str | os.PathLike, ...] | None = None) -> AttackThresholds | None:
+                    paths: tuple[str | os.PathLike, ...] | None = None,
+                    user_file: str | os.PathLike | None = None) -> AttackThresholds | None:
     """The thresholds of ``model`` from the first file that has it (user file, then the shipped one).
+
+    ``paths`` replaces both; else ``user_file`` (the ``calibration_file`` setting) or the default user
+    location (:func:`user_calibration_path`) comes before the shipped file.
 
     A file whose block for ``model`` was calibrated at another input size is skipped (the score's
     distribution depends on it). Returns None for random weights or when no file fits.
     """
     if weights != "pretrained":
         return None
-    for path in paths if paths is not None else (user_calibration_path(), shipped_calibration_path()):
+    for path in paths if paths is not None else (user_calibration_path(user_file), shipped_calibration_path()):
         block = read_calibration(path).get(model)
         if block is not None:
             thresholds = AttackThresholds.from_json(model, block, source=str(path))

@@ -15,6 +15,7 @@ from tests.api.helpers import photo_png, tiny_settings
 from tests.conftest import make_tiny_model
 
 CAT = photo_png("chelsea")
+ASTRONAUT = photo_png("astronaut", None)
 
 
 def _ready(client: TestClient) -> TestClient:
@@ -45,12 +46,16 @@ def test_defend_json_has_both_top5_lists_image_mask_and_timing(client):
     body = response.json()
     assert set(body) == {"model", "weights", "method", "lambda", "threshold", "predictions", "original_predictions",
                          "image", "mask", "timing_ms", "batch_size", "saliency", "attack_score", "attack_threshold",
-                         "attacked", "final_predictions"}
+                         "attacked", "final_predictions", "removal_top1", "stages", "path"}
     assert body["saliency"] == "gradient:rectify=false,quantile=1"  # the tiny model's default
     assert 0 <= body["attack_score"] <= 2
-    # random weights are never calibrated: no decision, and the caller gets the defended answer
-    assert body["attack_threshold"] is None and body["attacked"] is None
-    assert body["final_predictions"] == body["predictions"]
+    # random weights are never calibrated: a changed top-1 is undecided (the caller gets the defended answer),
+    # an unchanged one is not attacked whatever the threshold
+    changed = body["predictions"][0]["index"] != body["original_predictions"][0]["index"]
+    assert body["attack_threshold"] is None and body["attacked"] is (None if changed else False)
+    assert body["final_predictions"] == (body["predictions"] if changed else body["original_predictions"])
+    assert [stage["method"] for stage in body["stages"]] == ["slgs"] and body["path"] is None
+    assert body["stages"][0]["attack_score"] == body["attack_score"] and body["removal_top1"]["label"]
     assert (body["model"], body["weights"], body["method"]) == ("tiny", "random", "slgs")
     assert (body["lambda"], body["threshold"]) == (3.5, 0.25)
     for key in ("predictions", "original_predictions"):
@@ -103,15 +108,36 @@ def test_models_and_defenses_list_defaults_and_ranges(client):
 
 
 def test_defend_attack_threshold_decides_and_picks_final_predictions(client):
-    flagged = client.post("/defend/lgs", params={"lambda": 10, "attack_threshold": 0}, files=_upload()).json()
+    astronaut = _upload(ASTRONAUT, "astronaut.png")  # LGS 3.5 changes the tiny model's top-1 on it, and so does removing the suspect
+    flagged = client.post("/defend/lgs", params={"lambda": 3.5, "attack_threshold": 0}, files=astronaut).json()
+    assert flagged["predictions"][0]["index"] != flagged["original_predictions"][0]["index"]
     assert flagged["attack_score"] > 0 and flagged["attack_threshold"] == 0 and flagged["attacked"] is True
     assert flagged["final_predictions"] == flagged["predictions"]
-    kept = client.post("/defend/lgs", params={"lambda": 10, "attack_threshold": 2}, files=_upload()).json()
+    kept = client.post("/defend/lgs", params={"lambda": 3.5, "attack_threshold": 2}, files=astronaut).json()
     assert kept["attacked"] is False and kept["final_predictions"] == kept["original_predictions"]
     assert kept["attack_score"] == flagged["attack_score"]
     assert kept["saliency"] is None  # lgs uses no saliency
+    unchanged = client.post("/defend/lgs", params={"lambda": 10, "attack_threshold": 0}, files=_upload()).json()
+    assert unchanged["predictions"][0]["index"] == unchanged["original_predictions"][0]["index"]
+    assert unchanged["attack_score"] > 0 and unchanged["attacked"] is False  # the answer kept: not attacked
     none = client.post("/defend/none", params={"attack_threshold": 0.5}, files=_upload()).json()
     assert none["attack_score"] == 0 and none["attacked"] is False
+
+
+def test_defend_auto_screens_then_escalates_through_the_batcher(client):
+    clean = client.post("/defend/auto", params={"attack_threshold": 0.5}, files=_upload()).json()
+    assert clean["path"] == "screen" and [s["method"] for s in clean["stages"]] == ["lgs"]
+    assert clean["attacked"] is False and clean["final_predictions"] == clean["original_predictions"]
+    assert clean["saliency"] is None and clean["removal_top1"] is None
+    flagged = client.post("/defend/auto", params={"saliency": "gradient", "attack_threshold": 0},
+                          files=_upload(ASTRONAUT, "astronaut.png")).json()
+    assert flagged["path"] == "strong" and [s["method"] for s in flagged["stages"]] == ["lgs", "slgs"]
+    assert flagged["stages"][0]["flagged"] is None  # random weights: the screen has no threshold, the change escalates
+    assert flagged["saliency"] == "gradient:rectify=false,quantile=1" and flagged["stages"][1]["attack_threshold"] == 0
+    slgs = client.post("/defend/slgs", params={"saliency": "gradient", "attack_threshold": 0},
+                       files=_upload(ASTRONAUT, "astronaut.png")).json()
+    assert flagged["attack_score"] == pytest.approx(slgs["attack_score"], abs=1e-5)
+    assert flagged["final_predictions"] == slgs["final_predictions"] and flagged["attacked"] == slgs["attacked"]
 
 
 @pytest.mark.parametrize("params, fragment", [

@@ -90,7 +90,7 @@ def test_upload_chelsea_click_defend_and_see_both_top5_lists_and_images(browser,
     with LiveServer(tiny_settings(), [make_tiny_model()]) as server:
         browser.call("Page.navigate", url=f"{server.url}/")
         browser.wait_for("document.body && document.body.dataset.ready === 'true'")
-        assert browser.evaluate("document.getElementById('method').value") == "slgs"
+        assert browser.evaluate("document.getElementById('method').value") == "auto"
         document = browser.call("DOM.getDocument")["root"]["nodeId"]
         file_input = browser.call("DOM.querySelector", nodeId=document, selector="#image")["nodeId"]
         browser.call("DOM.setFileInputFiles", nodeId=file_input, files=[str(chelsea)])
@@ -108,7 +108,7 @@ def test_upload_chelsea_click_defend_and_see_both_top5_lists_and_images(browser,
                     meta: document.getElementById('meta').textContent};
         })()""")
         assert state == "done", page["status"]
-        expected = httpx.post(f"{server.url}/defend/slgs", params={"model": "tiny", "lambda": "2.5"},
+        expected = httpx.post(f"{server.url}/defend/auto", params={"model": "tiny", "lambda": "2.5"},
                               files={"image": ("chelsea.png", chelsea.read_bytes(), "image/png")},
                               trust_env=False).json()
     assert page["original"] == [p["label"] for p in expected["original_predictions"]]
@@ -180,7 +180,7 @@ def test_paste_the_sample_patch_switch_sends_the_patched_image_and_shows_the_sal
         buffer = io.BytesIO()
         Image.fromarray(sent).save(buffer, format="PNG")
         png = buffer.getvalue()
-        expected = httpx.post(f"{server.url}/defend/slgs", params={"model": "tiny"},
+        expected = httpx.post(f"{server.url}/defend/auto", params={"model": "tiny"},
                               files={"image": ("sent.png", png, "image/png")}, trust_env=False).json()
         region = httpx.post(f"{server.url}/saliency", params={"model": "tiny"},
                             files={"image": ("sent.png", png, "image/png")}, trust_env=False).json()["region"]
@@ -197,9 +197,10 @@ def test_paste_the_sample_patch_switch_sends_the_patched_image_and_shows_the_sal
     assert labels["original"] == [p["label"] for p in expected["original_predictions"]]
     assert labels["defended"] == [p["label"] for p in expected["predictions"]]
     assert meta["target_label"] in labels["info"]
-    # the attack score and the verdict (random weights: no calibrated threshold, so undecided)
+    # the attack score, the cascade's path and the verdict the page's default (auto) got
     assert labels["verdictShown"] and labels["score"].startswith(f"{expected['attack_score']:.3f} of 2")
-    assert expected["attacked"] is None and labels["verdict"] == "undecided"
+    assert ("LGS screen" if expected["path"] == "screen" else "decided by SLGS") in labels["score"]
+    assert labels["verdict"] == {None: "undecided", False: "looks clean", True: "attacked"}[expected["attacked"]]
     assert labels["answer"].startswith(expected["final_predictions"][0]["label"] + " (")
     assert decided["true"] == ["attacked", "verdict attacked", "toaster (50.0%), from the defended image"]
     assert decided["false"] == ["looks clean", "verdict clean", "toaster (50.0%), from the original image"]

@@ -61,15 +61,15 @@ class AsyncClient(BaseClient):
     async def defend(self, image: ImageInput, method: str = "slgs", lam: Optional[float] = None,
                      threshold: Optional[float] = None, model: Optional[str] = None, *,
                saliency: Optional[str] = None, attack_threshold: Optional[float] = None) -> DefendResult:
-        """Defend ``image`` with ``method`` (lgs, slgs, wlgs, jpeg, median, gaussian, none).
+        """Defend ``image`` with ``method`` (auto, lgs, slgs, wlgs, jpeg, median, gaussian, none).
 
         Args:
             image: a path, bytes, a binary file object or a PIL image.
-            method: the defence.
+            method: the defence; ``auto`` screens with LGS and sends only flagged images on to SLGS.
             lam: smoothing factor in [0, 10]; None takes the model's default.
             threshold: gradient-map block threshold in [0, 1]; None takes 0.2.
             model: a loaded model's name; None takes the server's first.
-            saliency: saliency estimator spec for slgs/wlgs, e.g. ``"smoothgrad:n=4,sigma=0.2,rectify=true"``
+            saliency: saliency estimator spec for slgs/wlgs (auto: its strong path), e.g. ``"smoothgrad:n=4,sigma=0.2,rectify=true"``
                 (``GET /defenses`` lists them); None takes the model's default.
             attack_threshold: attack-score threshold in [0, 2] deciding ``attacked``; None takes the
                 model's calibrated one.

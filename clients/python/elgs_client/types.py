@@ -60,11 +60,25 @@ class ClassifyResult(_Schema):
         return self.predictions[0]
 
 
+class Stage(_Schema):
+    """One defence view a request computed (``auto``: the LGS screen, then SLGS when the screen flagged it)."""
+
+    method: str
+    lam: Optional[float] = Field(default=None, alias="lambda")
+    attack_score: float
+    attack_threshold: Optional[float] = None
+    flagged: Optional[bool] = None
+    top1: Prediction
+
+
 class DefendResult(_Schema):
     """``POST /defend/{method}``: defended top-5, original top-5, defended image, applied mask, attack verdict.
 
-    ``final_predictions`` is the one answer to use: the defended top-5 when the attack score is above the
-    model's threshold (``attacked``), else the original top-5 (the defended one when no threshold is known).
+    ``final_predictions`` is the one answer to use: the defended top-5 when ``attacked`` (the defence changed
+    the top-1, the attack score is above the model's threshold and the original top-1 does not survive
+    removing the suspected patch outright), else the original top-5 (the defended one when undecided).
+    ``path`` (``auto`` only) says whether the cheap screen answered or the strong path decided; ``stages``
+    lists every view computed.
     """
 
     model: str
@@ -83,6 +97,9 @@ class DefendResult(_Schema):
     attack_threshold: Optional[float] = None
     attacked: Optional[bool] = None
     final_predictions: list[Prediction] = Field(default_factory=list)
+    removal_top1: Optional[Prediction] = None
+    stages: list[Stage] = Field(default_factory=list)
+    path: Optional[str] = None
 
     @property
     def final_top1(self) -> Prediction:

@@ -33,6 +33,20 @@ class ClassifyResponse(_Answer):
     predictions: list[Prediction] = Field(description="top-5 on the uploaded image")
 
 
+class StageInfo(BaseModel):
+    """One defence view the request computed, and its verdict."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    method: str = Field(description="the defence that made this view (auto: lgs screens, slgs is the strong path)")
+    lam: float | None = Field(alias="lambda", description="its smoothing factor")
+    attack_score: float = Field(description="L1 distance of the original and this view's softmax, in [0, 2]",
+                                ge=0, le=2)
+    attack_threshold: float | None = Field(description="the threshold it was judged against (null: not calibrated)")
+    flagged: bool | None = Field(description="this view changed the top-1 and its score is above the threshold")
+    top1: Prediction = Field(description="this view's top-1")
+
+
 class DefendResponse(_Answer):
     """``POST /defend/{method}``."""
 
@@ -54,9 +68,19 @@ class DefendResponse(_Answer):
     attack_threshold: float | None = Field(
         description="the score above which the answer counts as attacked: ?attack_threshold= or the model's "
                     "calibrated one for this method and lambda (null: not calibrated)")
-    attacked: bool | None = Field(description="attack_score > attack_threshold (null when there is no threshold)")
+    attacked: bool | None = Field(
+        description="the verdict: the defence changed the top-1, attack_score > attack_threshold, and the original "
+                    "top-1 does not survive removing the suspected patch outright (null: changed, no threshold)")
     final_predictions: list[Prediction] = Field(
         description="the one answer to use: the defended top-5 when attacked (or undecided), else the original top-5")
+    removal_top1: Prediction | None = Field(
+        default=None, description="top-1 with the suspected patch removed outright (lgs, slgs, wlgs): the check that "
+                                  "keeps an attack on the defence from steering final_predictions")
+    stages: list[StageInfo] = Field(
+        default_factory=list, description="every defence view computed, in order (auto: the screen, then the strong "
+                                          "path when the screen flagged the image)")
+    path: str | None = Field(
+        default=None, description="auto only: `screen` (the cheap screen answered) or `strong` (SLGS decided)")
 
 
 class SaliencyResponse(_Answer):

@@ -131,7 +131,7 @@ class ServiceState(RuntimeLookup[ModelRuntime]):
         for index, model in enumerate(models):
             if model.name in state.runtimes:
                 raise ValueError(f"model {model.name!r} is given twice")
-            engine = Engine(model)
+            engine = Engine(model, calibration_file=settings.calibration_file)
             batcher = Batcher(engine, max_batch_size=settings.batch_size_for(model.device),
                               max_batch_rows=settings.max_batch_rows,
                               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,

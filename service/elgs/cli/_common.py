@@ -47,6 +47,14 @@ def zoo_options(device: str | None = None) -> dict:
             "allow_download": settings.allow_download}
 
 
+def calibration_file():
+    """The ``calibration_file`` setting (``ELGS_CALIBRATION_FILE``; None: the default location), read by
+    :class:`Settings` and passed down to the engine and ``elgs calibrate``."""
+    from elgs.api.settings import Settings
+
+    return Settings().calibration_file
+
+
 def load_model_or_fail(args: argparse.Namespace, *, name: str | None = None, input_size: int | None = None):
     """Load the model of :func:`model_arguments`' options or raise CommandError.
 

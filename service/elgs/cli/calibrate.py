@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from elgs.cli._common import CommandError, load_model_or_fail, model_arguments
+from elgs.cli._common import calibration_file, CommandError, load_model_or_fail, model_arguments
 from elgs.defenses import DEFENSES, LAMBDA_RANGE
 
 
@@ -17,14 +18,20 @@ def _calibrate(args: argparse.Namespace) -> int:
     from elgs.images import ImageDecodeError, ImageTooLargeError, image_to_tensor, open_image
     from elgs.thresholds import user_calibration_path, write_calibration
 
-    try:
-        paths = list_images(args.data)
-    except FileNotFoundError as error:
-        raise CommandError(str(error)) from None
-    if args.limit:
-        paths = paths[: args.limit]
-    if not paths:
-        raise CommandError(f"no images under {args.data}")
+    folders = args.data
+    paths: list = []
+    kinds: list[str] = []
+    for folder in folders:
+        try:
+            found = list_images(folder)
+        except FileNotFoundError as error:
+            raise CommandError(str(error)) from None
+        if args.limit:
+            found = found[: args.limit]
+        if not found:
+            raise CommandError(f"no images under {folder}")
+        paths += found
+        kinds += [Path(folder).name or str(folder)] * len(found)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in DEFENSES]
     if unknown:
@@ -49,20 +56,21 @@ def _calibrate(args: argparse.Namespace) -> int:
                     batch.append(image_to_tensor(open_image(path), model.input_size))
                 except (ImageDecodeError, ImageTooLargeError) as error:
                     raise CommandError(f"{path}: {error}") from None
-            yield torch.stack(batch)
+            yield torch.stack(batch), kinds[start : start + args.batch_size]
 
     try:
         thresholds = calibrate(model, chunks(), fpr=args.fpr, methods=methods, lambdas=lambdas,
-                               saliencies=args.saliency or (), data=str(args.data))
+                               saliencies=args.saliency or (), data=", ".join(str(f) for f in folders))
     except ValueError as error:
         raise CommandError(str(error)) from None
-    out = write_calibration(args.out or user_calibration_path(), thresholds)
+    out = write_calibration(args.out or user_calibration_path(calibration_file()), thresholds)
     print(f"{model.name}: {thresholds.images} clean images, false-positive rate {args.fpr:g}")
     for entry in thresholds.entries:
         lam = "" if entry.lam is None else f" lambda {entry.lam:g}"
         saliency = f" [{entry.saliency}]" if entry.saliency else ""
+        by_kind = ", ".join(f"{kind} {share:.1%}" for kind, share in (entry.flagged_by_kind or {}).items())
         print(f"  {entry.method:<9}{lam:<12} threshold {entry.threshold:.4f} (clean flagged "
-              f"{entry.clean_flagged:.1%}){saliency}")
+              f"{entry.clean_flagged:.1%}: {by_kind}){saliency}")
     print(f"written to {out}")
     return 0
 
@@ -75,7 +83,10 @@ def add_commands(subparsers) -> None:
                     "($ELGS_CALIBRATION_FILE, default ~/.config/elgs/calibration.json).",
     )
     model_arguments(calibrate, default="efficientnet_lite0")
-    calibrate.add_argument("--data", required=True, help="folder of clean images (searched recursively)")
+    calibrate.add_argument("--data", required=True, action="append",
+                           help="folder of clean images (searched recursively); repeat for several kinds of image "
+                                "(e.g. crops, whole photos as PNG, as JPEG): the false-positive rate is reported "
+                                "per folder")
     calibrate.add_argument("--fpr", type=float, default=0.05, help="false-positive rate on clean images (0.05)")
     calibrate.add_argument("--methods", default="lgs,slgs,wlgs,jpeg,median,gaussian",
                            help="comma list of methods (default lgs,slgs,wlgs,jpeg,median,gaussian)")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from elgs.cli._common import CommandError, load_model_or_fail, model_arguments
+from elgs.cli._common import CommandError, calibration_file, load_model_or_fail, model_arguments
 from elgs.defenses import DEFENSES, LAMBDA_RANGE
 
 
@@ -38,7 +38,7 @@ def _defend(args: argparse.Namespace) -> int:
     except (ImageDecodeError, ImageTooLargeError) as error:
         raise CommandError(f"{args.image}: {error}") from None
     model = load_model_or_fail(args)
-    engine = Engine(model)
+    engine = Engine(model, calibration_file=calibration_file())
     request = Request(image=image_to_tensor(image, model.input_size), task="defend", method=args.method,
                       lam=args.lam, threshold=args.threshold, saliency=args.saliency,
                       attack_threshold=args.attack_threshold)
@@ -70,13 +70,29 @@ def _defend(args: argparse.Namespace) -> int:
             "predictions": [p.__dict__ for p in result.defended_predictions],
             "attack_score": result.attack_score, "attack_threshold": result.attack_threshold,
             "attacked": result.attacked, "final_predictions": [p.__dict__ for p in result.final_predictions],
+            "removal_top1": result.removal_prediction.__dict__ if result.removal_prediction else None,
+            "path": result.path,
+            "stages": [{"method": s.method, "lambda": s.lam, "attack_score": s.attack_score,
+                        "attack_threshold": s.attack_threshold, "flagged": s.flagged,
+                        "top1": s.predictions[0].__dict__} for s in result.stages],
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))
     return 0
 
 
 def _verdict(result) -> str:
-    """One line: the attack score, the threshold and which top-5 to use."""
+    """The attack score, the threshold and which top-5 to use (a cascade: first the stages it ran)."""
+    lines = []
+    if result.path is not None:
+        for stage in result.stages:
+            threshold = "no threshold" if stage.attack_threshold is None else f"threshold {stage.attack_threshold:.4f}"
+            lines.append(f"{stage.method}: score {stage.attack_score:.4f} ({threshold}), top-1 "
+                         f"{stage.predictions[0].label}, " + {True: "flagged", False: "passed", None: "undecided"}[stage.flagged])
+        lines.append(f"path: {result.path}")
+    return "\n".join([*lines, _final_line(result)])
+
+
+def _final_line(result) -> str:
     final = result.final_predictions[0].label if result.final_predictions else "?"
     if result.attacked is None:
         return (f"attack score {result.attack_score:.4f} (no calibrated threshold: run `elgs calibrate` or pass "

@@ -35,7 +35,7 @@ from elgs.defenses.registry import (
     register,
 )
 from elgs.defenses.saliency import saliency_from_loss, topk_loss, topk_saliency
-from elgs.defenses.smoothing import smooth, suppression
+from elgs.defenses.smoothing import smooth, smooth_pixels, suppression
 from elgs.defenses.transforms import lgs, lgs_mask, slgs, slgs_mask, wlgs, wlgs_mask
 
 __all__ = [

@@ -30,10 +30,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from elgs.defenses._checks import check_image_batch
+from elgs.defenses.gradients import scale_to_unit
+from elgs.defenses.saliency import classes_loss, gradient_magnitude
 
 N_RANGE = (1, 32)
 SIGMA_RANGE = (0.0, 1.0)
@@ -343,19 +344,6 @@ def noise(config: SaliencyConfig, shape: Sequence[int], device: torch.device | s
     return (drawn * config.sigma).to(device=device, dtype=dtype)
 
 
-def classes_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Per row ``sum_{c in classes} CE(z, c)``.
-
-    Args:
-        logits: tensor of shape (N, K).
-        classes: class indices of shape (N, k).
-
-    Returns:
-        tensor of shape (N,).
-    """
-    return -F.log_softmax(logits, dim=1).gather(1, classes).sum(dim=1)
-
-
 def average_copies(per_row: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Mean of ``per_row`` over each group of rows.
 
@@ -444,7 +432,7 @@ def saliency_pass(
         loss_index = torch.tensor(loss_rows, device=x.device)
         loss = classes_loss(logits[loss_index], classes[owner[loss_index]])
         (grad,) = torch.autograd.grad(loss.sum(), x_input)
-    per_row = grad.abs().amax(dim=1)  # (B + E, H, W)
+    per_row = gradient_magnitude(grad)  # (B + E, H, W)
     saliency = torch.zeros((batch, *x.shape[2:]), dtype=per_row.dtype, device=x.device)
     by_n: dict[int, list[int]] = {}
     for i in rows:
@@ -521,7 +509,6 @@ def robust_normalize(saliency: torch.Tensor, quantile: float | torch.Tensor = 1.
         high = torch.where(q == 1, high, below_value + fraction * (above_value - below_value))
     shape = (-1, *([1] * (saliency.ndim - 1)))
     low, span = low.view(shape), (high - low).view(shape)
-    # Same arithmetic as minmax_normalize, so quantile 1 is the paper's weights bit for bit.
-    inverse_span = torch.where(span > 0, 1.0 / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
-    weights = (saliency - low) * inverse_span
+    # minmax_normalize's own arithmetic, so quantile 1 is the paper's weights bit for bit.
+    weights = scale_to_unit(saliency, low, span)
     return torch.where(q.view(shape) == 1, weights, weights.clamp(0.0, 1.0))

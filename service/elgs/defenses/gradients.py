@@ -51,7 +51,20 @@ def minmax_normalize(values: torch.Tensor) -> torch.Tensor:
     """
     dims = tuple(range(1, values.ndim))
     low = values.amin(dim=dims, keepdim=True)
-    span = values.amax(dim=dims, keepdim=True) - low
+    return scale_to_unit(values, low, values.amax(dim=dims, keepdim=True) - low)
+
+
+def scale_to_unit(values: torch.Tensor, low: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """``(values - low) / span`` with zeros where ``span == 0``; ``low`` and ``span`` broadcast per image.
+
+    Args:
+        values: tensor of shape (B, ...).
+        low: per-image minimum, broadcastable to ``values`` (e.g. (B, 1, 1, 1)).
+        span: per-image ``high - low``, same shape as ``low``.
+
+    Returns:
+        tensor shaped like ``values``.
+    """
     # The per-image factor is tiny; only one subtraction and one product touch the whole batch.
     inverse_span = torch.where(span > 0, 1.0 / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
     return (values - low) * inverse_span

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from elgs.defenses import filters, transforms
-from elgs.defenses.smoothing import suppression
+from elgs.defenses.smoothing import smooth_pixels, suppression
 
 LAMBDA_RANGE = (0.0, 10.0)
 THRESHOLD_RANGE = (0.0, 1.0)
 DEFAULT_THRESHOLD = 0.2
+# LGS suppression from which a pixel counts as part of the suspected patch for the removal check.
+REMOVAL_STRENGTH = 0.5
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,30 @@ class DefenseInput:
     saliency: torch.Tensor | None = None
     saliency_quantile: torch.Tensor | None = None
 
+    @classmethod
+    def of(cls, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, lam: Sequence[float] | float,
+           threshold: Sequence[float] | float, saliency: torch.Tensor | None = None,
+           saliency_quantile: Sequence[float] | float | None = None) -> DefenseInput:
+        """The batch with per-image parameters given as floats or sequences of B floats, made tensors on
+        ``x``'s device and dtype (the one place a :class:`DefenseInput` is assembled from request values).
+
+        Args:
+            x: pixel-space images (B, 3, H, W) in [0, 1].
+            mean, std: the model's per-channel statistics, (3,).
+            lam, threshold: a float for every image or one per image (None entries count as 0).
+            saliency: ``S`` (B, H, W) or None.
+            saliency_quantile: WLGS quantile, a float or one per image; None: 1.
+        """
+        def per_image(values: Sequence[float | None] | float) -> torch.Tensor:
+            if isinstance(values, (int, float)):
+                return torch.full((x.shape[0],), float(values), dtype=x.dtype, device=x.device)
+            return torch.tensor([0.0 if v is None else float(v) for v in values], dtype=x.dtype, device=x.device)
+
+        return cls(x=x, mean=mean.to(device=x.device, dtype=x.dtype), std=std.to(device=x.device, dtype=x.dtype),
+                   lam=per_image(lam), threshold=per_image(threshold),
+                   saliency=None if saliency is None else saliency.to(x.dtype),
+                   saliency_quantile=None if saliency_quantile is None else per_image(saliency_quantile))
+
     def normalized(self) -> torch.Tensor:
         """``(x - mean) / std``, (B, 3, H, W)."""
         return (self.x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
@@ -44,10 +70,14 @@ class DefenseInput:
 
 @dataclass(frozen=True)
 class DefenseOutput:
-    """What a defence returns: ``image`` (B, 3, H, W) in [0, 1] and the applied ``mask`` (B, 1, H, W) in [0, 1]."""
+    """What a defence returns: ``image`` (B, 3, H, W) in [0, 1], the applied ``mask`` (B, 1, H, W) in [0, 1]
+    and, for the gradient defences, ``removal`` (B, 1, H, W), 0/1: the pixels a hard removal of the
+    suspected patch replaces by the mean colour (LGS's own suppression at least :data:`REMOVAL_STRENGTH`),
+    which the engine's verdict checks the original answer against (design.md, section 2.6)."""
 
     image: torch.Tensor
     mask: torch.Tensor
+    removal: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +90,10 @@ class Defense:
         needs_saliency: whether the engine must compute ``S`` in pass 1.
         uses_lambda: whether ``lambda`` changes the result.
         uses_threshold: whether ``threshold`` changes the result.
-        apply: the batched operation.
+        apply: the batched operation (for a cascade: its screen's).
+        escalates_to: for a cascade, the defence that images its screen flags are sent on to (the engine
+            runs it in a second round, design.md section 3.1); None for a plain defence.
+        screen: for a cascade, the name of the defence ``apply`` is (whose thresholds decide the screen).
     """
 
     name: str
@@ -69,6 +102,8 @@ class Defense:
     uses_lambda: bool
     uses_threshold: bool
     apply: Callable[[DefenseInput], DefenseOutput]
+    escalates_to: str | None = None
+    screen: str | None = None
 
     def describe(self) -> dict:
         """A JSON-ready description with parameter ranges."""
@@ -81,12 +116,15 @@ class Defense:
                 "maximum": THRESHOLD_RANGE[1],
                 "default": DEFAULT_THRESHOLD,
             }
-        return {
+        described = {
             "name": self.name,
             "summary": self.summary,
             "needs_saliency": self.needs_saliency,
             "parameters": parameters,
         }
+        if self.escalates_to is not None:
+            described["cascade"] = {"screen": self.screen, "strong": self.escalates_to}
+        return described
 
 
 DEFENSES: dict[str, Defense] = {}
@@ -113,13 +151,17 @@ def defense_names() -> list[str]:
     return list(DEFENSES)
 
 
-def _gradient_defense(mask_of: Callable[[DefenseInput, torch.Tensor], torch.Tensor]) -> Callable[[DefenseInput], DefenseOutput]:
+def _gradient_defense(weight_of: Callable[[DefenseInput, torch.Tensor], torch.Tensor] | None = None,
+                      ) -> Callable[[DefenseInput], DefenseOutput]:
+    """A defence ``m = w * g`` (``w`` = 1 for LGS); ``g`` is computed once and also gives the removal mask."""
     def apply(batch: DefenseInput) -> DefenseOutput:
         xn = batch.normalized()
-        strength = suppression(mask_of(batch, xn), batch.lam)  # (B, C, H, W)
-        # T * std + mean == x - s * (x - mean): exact identity at lambda 0, no round trip error.
-        image = torch.addcmul(batch.x, strength, batch.x - batch.mean.view(1, -1, 1, 1), value=-1).clamp(0.0, 1.0)
-        return DefenseOutput(image=image, mask=strength.amax(dim=1, keepdim=True))
+        gradient = transforms.lgs_mask(xn, threshold=batch.threshold)  # (B, C, H, W)
+        mask = gradient if weight_of is None else weight_of(batch, xn) * gradient
+        strength = suppression(mask, batch.lam)
+        removal = suppression(gradient, batch.lam).amax(dim=1, keepdim=True) >= REMOVAL_STRENGTH
+        return DefenseOutput(image=smooth_pixels(batch.x, strength, batch.mean),
+                             mask=strength.amax(dim=1, keepdim=True), removal=removal.to(batch.x.dtype))
 
     return apply
 
@@ -146,21 +188,26 @@ register(Defense(
     name="lgs",
     summary="Local Gradients Smoothing: suppress high-gradient blocks (Naseer et al. 2019)",
     needs_saliency=False, uses_lambda=True, uses_threshold=True,
-    apply=_gradient_defense(lambda b, xn: transforms.lgs_mask(xn, threshold=b.threshold)),
+    apply=_gradient_defense(),
 ))
 register(Defense(
     name="slgs",
     summary="Saliency-map-based LGS: smooth only inside the top-5 saliency region",
     needs_saliency=True, uses_lambda=True, uses_threshold=True,
-    apply=_gradient_defense(lambda b, xn: transforms.slgs_mask(xn, _require_saliency(b), threshold=b.threshold)),
+    apply=_gradient_defense(lambda b, xn: transforms.slgs_weight(xn, _require_saliency(b))),
 ))
 register(Defense(
     name="wlgs",
     summary="Weighted LGS: gradient map weighted by the normalised saliency map",
     needs_saliency=True, uses_lambda=True, uses_threshold=True,
-    apply=_gradient_defense(lambda b, xn: transforms.wlgs_mask(
-        xn, _require_saliency(b), threshold=b.threshold,
-        quantile=1.0 if b.saliency_quantile is None else b.saliency_quantile)),
+    apply=_gradient_defense(lambda b, xn: transforms.wlgs_weight(
+        xn, _require_saliency(b), 1.0 if b.saliency_quantile is None else b.saliency_quantile)),
+))
+register(Defense(
+    name="auto",
+    summary="Cascade: an LGS screen answers clean images; flagged ones get SLGS with the model's estimator",
+    needs_saliency=False, uses_lambda=True, uses_threshold=True,
+    apply=DEFENSES["lgs"].apply, escalates_to="slgs", screen="lgs",
 ))
 register(Defense(
     name="jpeg", summary="JPEG compression at quality 75 (baseline)",

@@ -23,8 +23,25 @@ def topk_loss(logits: torch.Tensor, k: int = 5) -> torch.Tensor:
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape (B, N), got {tuple(logits.shape)}")
     k = min(k, logits.shape[1])
-    top_classes = logits.detach().topk(k, dim=1).indices
-    return -F.log_softmax(logits, dim=1).gather(1, top_classes).sum(dim=1)
+    return classes_loss(logits, logits.detach().topk(k, dim=1).indices)
+
+
+def classes_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Per row ``sum_{c in classes} CE(z, c)``.
+
+    Args:
+        logits: tensor of shape (N, K).
+        classes: class indices of shape (N, k).
+
+    Returns:
+        tensor of shape (N,).
+    """
+    return -F.log_softmax(logits, dim=1).gather(1, classes).sum(dim=1)
+
+
+def gradient_magnitude(grad: torch.Tensor) -> torch.Tensor:
+    """``S = max_c |dL/dx|``: the input gradient (B, C, H, W) reduced over channels to (B, H, W)."""
+    return grad.abs().amax(dim=1)
 
 
 def saliency_from_loss(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +50,7 @@ def saliency_from_loss(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     Only the input gradient is asked of autograd, so no parameter's ``.grad`` is touched.
     """
     (grad,) = torch.autograd.grad(loss.sum(), x)
-    return grad.abs().amax(dim=1)
+    return gradient_magnitude(grad)
 
 
 def topk_saliency(

@@ -1,4 +1,8 @@
-"""Gradient smoothing ``T(xn) = xn * clamp(1 - lam * m, 0, 1)`` (design.md, section 2.2, paper Eq. 5)."""
+"""Gradient smoothing ``T(xn) = xn * clamp(1 - lam * m, 0, 1)`` (design.md, section 2.2, paper Eq. 5).
+
+:func:`smooth` applies it to model-normalised images; :func:`smooth_pixels` is the same formula carried to
+pixel space, which is what the defences return (``T * std + mean``, clamped to [0, 1]).
+"""
 
 from __future__ import annotations
 
@@ -37,3 +41,21 @@ def smooth(xn: torch.Tensor, mask: torch.Tensor, lam: float | torch.Tensor) -> t
     if mask.ndim != 4 or mask.shape[0] != xn.shape[0]:
         raise ValueError(f"mask must have shape (B, C or 1, H, W) matching xn {tuple(xn.shape)}, got {tuple(mask.shape)}")
     return xn * (1.0 - suppression(mask, lam))
+
+
+def smooth_pixels(x: torch.Tensor, strength: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``clamp(T(xn) * std + mean, 0, 1)`` computed in pixel space as ``x - s * (x - mean)``.
+
+    Equal to :func:`smooth` followed by de-normalisation, without the round trip's error (exact at
+    ``s = 0``); the std cancels.
+
+    Args:
+        x: pixel-space images in [0, 1] of shape (B, C, H, W).
+        strength: ``s = clamp(lam * m, 0, 1)`` (:func:`suppression`), (B, C, H, W) or (B, 1, H, W).
+        mean: the model's per-channel mean, (C,).
+
+    Returns:
+        tensor shaped like ``x`` in [0, 1].
+    """
+    check_image_batch(x, "x")
+    return torch.addcmul(x, strength, x - mean.view(1, -1, 1, 1), value=-1).clamp(0.0, 1.0)

@@ -26,6 +26,16 @@ def lgs_mask(xn: torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torc
     return local_gradient_map(xn, threshold=threshold)
 
 
+def slgs_weight(xn: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """SLGS's weight: the saliency region ``D`` (B, 1, H, W), 0/1, of ``S`` (B, H, W) or (B, 1, H, W)."""
+    return saliency_region(_saliency_weight(xn, saliency))
+
+
+def wlgs_weight(xn: torch.Tensor, saliency: torch.Tensor, quantile: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """WLGS's weight ``W`` (B, 1, H, W) in [0, 1]: :func:`robust_normalize` of ``S`` at ``quantile``."""
+    return robust_normalize(_saliency_weight(xn, saliency), quantile)
+
+
 def slgs_mask(xn: torch.Tensor, saliency: torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torch.Tensor:
     """SLGS mask ``m = D * g``: the gradient map inside the saliency region ``D``.
 
@@ -37,7 +47,7 @@ def slgs_mask(xn: torch.Tensor, saliency: torch.Tensor, *, threshold: float | to
     Returns:
         tensor of shape (B, C, H, W).
     """
-    return saliency_region(_saliency_weight(xn, saliency)) * local_gradient_map(xn, threshold=threshold)
+    return slgs_weight(xn, saliency) * local_gradient_map(xn, threshold=threshold)
 
 
 def wlgs_mask(xn: torch.Tensor, saliency: torch.Tensor, *, threshold: float | torch.Tensor = 0.2,
@@ -56,7 +66,7 @@ def wlgs_mask(xn: torch.Tensor, saliency: torch.Tensor, *, threshold: float | to
     Returns:
         tensor of shape (B, C, H, W).
     """
-    return robust_normalize(_saliency_weight(xn, saliency), quantile) * local_gradient_map(xn, threshold=threshold)
+    return wlgs_weight(xn, saliency, quantile) * local_gradient_map(xn, threshold=threshold)
 
 
 def lgs(xn: torch.Tensor, lam: float | torch.Tensor, *, threshold: float | torch.Tensor = 0.2) -> torch.Tensor:

@@ -11,7 +11,7 @@ from elgs.api import inference
 from elgs.api.dependencies import RuntimeDep, SettingsDep
 from elgs.api.errors import error_responses
 from elgs.api.routes.classify import IMAGE_FIELD
-from elgs.api.schemas import DefendResponse
+from elgs.api.schemas import DefendResponse, StageInfo
 from elgs.defenses import DEFAULT_THRESHOLD, DEFENSES, LAMBDA_RANGE, THRESHOLD_RANGE, estimator_names
 from elgs.thresholds import SCORE_RANGE
 
@@ -58,8 +58,10 @@ async def defend(
     """Smooth the suspected patch away and classify both images.
 
     The mask is the applied suppression (255 = the pixel moved all the way to the dataset mean).
-    `attack_score` compares the two answers; when it exceeds the threshold the image counts as attacked and
-    `final_predictions` is the defended top-5, else the original one.
+    `attack_score` compares the two answers; the image counts as attacked when the defence changed the top-1,
+    the score exceeds the threshold and the original top-1 does not survive removing the suspected patch outright;
+    then `final_predictions` is the defended top-5, else the original one. `auto` screens with LGS and sends only
+    the images its screen flags on to SLGS (the answer's `path` and `stages` say which ran).
     """
     answer = await inference.run(http_request, runtime, settings, image, task="defend", method=method, lam=lam,
                                  threshold=threshold, saliency=saliency, attack_threshold=attack_threshold)
@@ -70,7 +72,8 @@ async def defend(
                    "X-Elgs-Batch-Size": str(result.batch_size),
                    "X-Elgs-Top1": result.defended_predictions[0].label if result.defended_predictions else "",
                    "X-Elgs-Attack-Score": f"{result.attack_score:.6f}",
-                   "X-Elgs-Attacked": "unknown" if result.attacked is None else str(result.attacked).lower()}
+                   "X-Elgs-Attacked": "unknown" if result.attacked is None else str(result.attacked).lower(),
+                   **({"X-Elgs-Path": result.path} if result.path else {})}
         return Response(png, media_type="image/png", headers=headers)
     (image_png, mask_png), encode_ms = await inference.encode_base64_pngs(result.image, result.mask)
     return DefendResponse(
@@ -80,4 +83,9 @@ async def defend(
         image=image_png, mask=mask_png, timing_ms=answer.finish(encode_ms), batch_size=result.batch_size,
         saliency=result.saliency_method, attack_score=result.attack_score, attack_threshold=result.attack_threshold,
         attacked=result.attacked, final_predictions=inference.predictions(result.final_predictions),
+        removal_top1=inference.predictions([result.removal_prediction])[0] if result.removal_prediction else None,
+        stages=[StageInfo(method=stage.method, lam=stage.lam, attack_score=stage.attack_score,
+                          attack_threshold=stage.attack_threshold, flagged=stage.flagged,
+                          top1=inference.predictions(stage.predictions[:1])[0]) for stage in result.stages],
+        path=result.path,
     )

@@ -69,7 +69,7 @@ async function loadCatalogue() {
     fillSelect($("model"), state.models, (m) => `${m.name}${m.weights === "random" ? " (random weights)" : ""}`);
     $("model").value = models.default;
     fillSelect($("method"), state.defenses, (d) => `${d.name}: ${d.summary}`);
-    $("method").value = state.defenses.some((d) => d.name === "slgs") ? "slgs" : state.defenses[0].name;
+    $("method").value = state.defenses.some((d) => d.name === "auto") ? "auto" : state.defenses[0].name;
     fillEstimators(defenses);
     $("lambda").value = selectedModel().default_lambda;
     syncLambda();
@@ -164,7 +164,9 @@ function showVerdict(answer) {
   $("verdict").hidden = false;
   const threshold = typeof answer.attack_threshold === "number"
     ? ` (threshold ${answer.attack_threshold.toFixed(3)})` : " (no threshold calibrated for this model and method)";
-  $("attack-score").textContent = `${answer.attack_score.toFixed(3)} of 2${threshold}`;
+  const path = answer.path
+    ? `; ${answer.path === "screen" ? "answered by the LGS screen" : "flagged by the screen, decided by SLGS"}` : "";
+  $("attack-score").textContent = `${answer.attack_score.toFixed(3)} of 2${threshold}${path}`;
   const verdict = answer.attacked === true ? "attacked" : answer.attacked === false ? "clean" : "undecided";
   $("attack-verdict").textContent = { attacked: "attacked", clean: "looks clean", undecided: "undecided" }[verdict];
   $("attack-verdict").className = `verdict ${verdict}`;
@@ -185,7 +187,7 @@ async function defend(event) {
   const saliencyParams = new URLSearchParams({ model: $("model").value });
   if ($("saliency").value) {
     saliencyParams.set("saliency", $("saliency").value);
-    if (defense && defense.needs_saliency) params.set("saliency", $("saliency").value);
+    if (defense && (defense.needs_saliency || defense.cascade)) params.set("saliency", $("saliency").value);
   }
   $("run").disabled = true;
   document.body.dataset.state = "running";
