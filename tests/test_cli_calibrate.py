@@ -56,12 +56,18 @@ def test_calibrate_then_defend_reads_the_thresholds(tmp_path, monkeypatch, capsy
     (entry,) = block["entries"]
     assert (entry["method"], entry["lam"], entry["saliency"]) == ("lgs", 3.5, None)
     assert entry["clean_flagged"] == pytest.approx(1 / 3)  # ceil(0.66 * 3) = 2nd smallest: one image above
+    # the verdict also needs a changed top-1 and a failed removal check: at most that one image, per folder too
+    assert entry["false_positive_rate"] in (0, pytest.approx(1 / 3))
+    assert entry["false_positive_by_kind"] == {"clean": entry["false_positive_rate"]}
+    assert "false positives" in capsys.readouterr().out
     capsys.readouterr()
     out = tmp_path / "answer.json"
     assert main(["defend", "skimage:chelsea", "--model", "efficientnet_lite0", "--method", "lgs", "--json", str(out)]) == 0
     answer = json.loads(out.read_text())
     assert answer["attack_threshold"] == pytest.approx(entry["threshold"])
-    assert answer["attacked"] == (answer["attack_score"] > entry["threshold"])
+    changed = answer["predictions"][0]["index"] != answer["original_predictions"][0]["index"]
+    assert answer["attacked"] is (changed and answer["attack_score"] > entry["threshold"]
+                                  and answer["removal_top1"]["index"] != answer["original_predictions"][0]["index"])
     expected = answer["predictions"] if answer["attacked"] else answer["original_predictions"]
     assert answer["final_predictions"] == expected
     assert "attack score" in capsys.readouterr().out

@@ -171,9 +171,9 @@ def calibrate(model: LoadedModel, chunks: Iterable[Chunk], *, fpr: float = 0.05,
               saliencies: Sequence[str] = (), data: str = "") -> AttackThresholds:
     """Thresholds of ``model`` at false-positive rate ``fpr`` from clean images.
 
-    The threshold is the score that at most ``fpr`` of the clean images exceed; each entry also records the
-    share of clean images the full verdict (changed top-1, score, removal check) calls attacked, overall
-    (``clean_flagged``) and per kind of image (``flagged_by_kind``).
+    The threshold is the score that at most ``fpr`` of the clean images exceed (``clean_flagged``: how many
+    do); each entry also records the share of clean images the full verdict (changed top-1, score, removal
+    check) calls attacked, overall (``false_positive_rate``) and per kind of image (``false_positive_by_kind``).
 
     Returns:
         :class:`~elgs.thresholds.AttackThresholds` ready for :func:`elgs.thresholds.write_calibration`.
@@ -190,7 +190,8 @@ def calibrate(model: LoadedModel, chunks: Iterable[Chunk], *, fpr: float = 0.05,
         threshold = threshold_at_fpr(clean.scores, fpr)
         entries.append(ThresholdEntry(method=setting.method, lam=setting.lam, saliency=setting.saliency,
                                       threshold=threshold,
-                                      clean_flagged=round(float(clean.attacked(threshold).float().mean()), 6),
-                                      flagged_by_kind=clean.flagged_by_kind(threshold)))
+                                      clean_flagged=round(float((clean.scores > threshold).float().mean()), 6),
+                                      false_positive_rate=round(float(clean.attacked(threshold).float().mean()), 6),
+                                      false_positive_by_kind=clean.flagged_by_kind(threshold)))
     return AttackThresholds(model=model.name, input_size=model.input_size, fpr=fpr, images=images, data=data,
                             entries=tuple(entries), default_saliency=parse_saliency(model.spec.default_saliency).spec)

@@ -54,8 +54,10 @@ class ThresholdEntry:
         lam: lambda (None for methods without one).
         saliency: canonical estimator spec (SLGS/WLGS), else None.
         threshold: the score above which an answer counts as attacked.
-        clean_flagged: fraction of the calibration images the verdict calls attacked at ``threshold``.
-        flagged_by_kind: that fraction per kind of calibration image (e.g. crops, whole photos as PNG or JPEG).
+        clean_flagged: fraction of the calibration images whose score is above ``threshold``.
+        false_positive_rate: fraction of them the full verdict calls attacked (:func:`elgs.engine.judge`:
+            changed top-1, score above ``threshold``, original not surviving the removal check).
+        false_positive_by_kind: that fraction per kind of calibration image (e.g. crops, whole photos as PNG, as JPEG).
     """
 
     method: str
@@ -63,7 +65,8 @@ class ThresholdEntry:
     saliency: str | None
     threshold: float
     clean_flagged: float = 0.0
-    flagged_by_kind: dict[str, float] | None = None
+    false_positive_rate: float | None = None
+    false_positive_by_kind: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     for entry in thresholds.entries:
         lam = "" if entry.lam is None else f" lambda {entry.lam:g}"
         saliency = f" [{entry.saliency}]" if entry.saliency else ""
-        by_kind = ", ".join(f"{kind} {share:.1%}" for kind, share in (entry.flagged_by_kind or {}).items())
-        print(f"  {entry.method:<9}{lam:<12} threshold {entry.threshold:.4f} (clean flagged "
-              f"{entry.clean_flagged:.1%}: {by_kind}){saliency}")
+        by_kind = ", ".join(f"{kind} {share:.1%}" for kind, share in (entry.false_positive_by_kind or {}).items())
+        print(f"  {entry.method:<9}{lam:<12} threshold {entry.threshold:.4f} (score above it: {entry.clean_flagged:.1%}"
+              f"; false positives: {entry.false_positive_rate:.1%}, {by_kind}){saliency}")
     print(f"written to {out}")
     return 0
 
