@@ -18,7 +18,7 @@ import torch
 from fastapi import Request as HttpRequest
 from fastapi import UploadFile
 
-from elgs.api.middleware import admit
+from elgs.api.middleware import Admission, admit
 from elgs.api.settings import Settings
 from elgs.api.state import ModelRuntime
 from elgs.api.uploads import read_image
@@ -71,10 +71,11 @@ def display_arrays(result: Result) -> Result:
 
 
 async def submit_unless_disconnected(http_request: HttpRequest, runtime: ModelRuntime, request: Request,
-                                     deadline: float) -> Result:
+                                     admission: Admission) -> Result:
     """``runtime.batcher.submit(request)``, cancelled (so dropped before compute) if the client leaves;
     the result comes through :func:`display_arrays`."""
-    submission = asyncio.ensure_future(runtime.batcher.submit(request, deadline=deadline, finish=display_arrays))
+    submission = asyncio.ensure_future(runtime.batcher.submit(request, deadline=admission.deadline,
+                                                              finish=display_arrays, reservation=admission.reservation))
     watcher = asyncio.ensure_future(_wait_for_disconnect(http_request))
     try:
         await asyncio.wait({submission, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -95,11 +96,11 @@ async def run(http_request: HttpRequest, runtime: ModelRuntime, settings: Settin
     time each stage."""
     started = time.perf_counter()
     check(runtime, **request_fields)  # bad parameters cost no admission and no decode
-    deadline = await admit(http_request, runtime, settings)  # 503 when the model cannot take it, before decoding
+    admission = await admit(http_request, runtime, settings)  # 503 when the model cannot take it, before decoding
     image = await read_image(upload, size=runtime.model.input_size, max_upload_mb=settings.max_upload_mb,
                              max_pixels=settings.max_pixels, decoder=http_request.app.state.decoder)
     decoded = time.perf_counter()
-    result = await submit_unless_disconnected(http_request, runtime, Request(image=image, **request_fields), deadline)
+    result = await submit_unless_disconnected(http_request, runtime, Request(image=image, **request_fields), admission)
     waited_ms = (time.perf_counter() - decoded) * 1000
     engine_ms = sum(result.timing_ms.values())
     timing = {"decode": round((decoded - started) * 1000, 3), "queue": round(max(0.0, waited_ms - engine_ms), 3)}
