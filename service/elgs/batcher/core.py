@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from elgs.batcher.admission import AdmissionPolicy, BatchTimeEstimate, default_max_batch_rows
-from elgs.batcher.errors import BatcherClosedError, DeadlineExceededError
+from elgs.batcher.errors import BatcherClosedError
 from elgs.batcher.executor import BatchExecutor, with_tensors
 from elgs.batcher.hooks import BatcherHooks, HookCaller
-from elgs.batcher.queue import QueuedRequest, RequestQueue
+from elgs.batcher.queue import RequestQueue
 from elgs.batcher.worker import QueueWorker
 from elgs.compute import ComputeThread
 from elgs.engine import Engine, Request, Result, pass_one_rows, resolve_request
@@ -292,22 +292,8 @@ class Batcher:
             deadline = reservation.deadline if deadline is None else deadline
         else:
             self.check_capacity(deadline)
-        now = self.clock()
-        timeout = self.request_timeout_s if deadline is None else deadline - now
-        item = QueuedRequest(request=request, future=asyncio.get_running_loop().create_future(), enqueued=now,
-                             deadline=now + timeout, finish=finish, rows=pass_one_rows(request))
-        self.queue.put(item)
-        try:
-            return await asyncio.wait_for(item.future, timeout=max(timeout, 0.0))
-        except TimeoutError:
-            self.queue.discard(item, "deadline")
-            raise DeadlineExceededError(
-                f"no answer within {timeout:.3g} s ({len(self.queue)} requests still queued for model "
-                f"{self.model_name!r}); retry later or raise ELGS_REQUEST_TIMEOUT_S"
-            ) from None
-        except asyncio.CancelledError:
-            self.queue.discard(item, "cancelled")
-            raise
+        deadline = self.clock() + self.request_timeout_s if deadline is None else deadline
+        return await self.queue.answer(request, deadline=deadline, finish=finish)
 
     def _check_accepting(self) -> None:
         if self._closed or not self.running:

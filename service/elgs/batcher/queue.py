@@ -17,7 +17,7 @@ from typing import Any
 from elgs.batcher.admission import AdmissionPolicy, BatchTimeEstimate, Load
 from elgs.batcher.errors import DeadlineExceededError, QueueFullError
 from elgs.batcher.hooks import HookCaller
-from elgs.engine import Request, Result
+from elgs.engine import Request, Result, pass_one_rows
 
 
 @dataclass(eq=False)
@@ -69,6 +69,30 @@ class RequestQueue:
         self.pending.append(item)
         self._arrived.set()
         self.notify("queue_depth", len(self.pending))
+
+    async def answer(self, request: Request, *, deadline: float, finish: Callable[[Result], Any] | None) -> Any:
+        """Queue ``request`` (resolved, admitted) and wait for its outcome until ``deadline``; a request whose
+        caller stops waiting (cancelled, or the deadline passed) leaves the queue.
+
+        Raises:
+            DeadlineExceededError: no answer before the deadline.
+            Exception: what the worker settled the request with.
+        """
+        now = self.clock()
+        item = QueuedRequest(request=request, future=asyncio.get_running_loop().create_future(), enqueued=now,
+                             deadline=deadline, finish=finish, rows=pass_one_rows(request))
+        self.put(item)
+        try:
+            return await asyncio.wait_for(item.future, timeout=max(deadline - now, 0.0))
+        except TimeoutError:
+            self.discard(item, "deadline")
+            raise DeadlineExceededError(
+                f"no answer within {deadline - now:.3g} s ({len(self.pending)} requests still queued for model "
+                f"{self.policy.model!r}); retry later or raise ELGS_REQUEST_TIMEOUT_S"
+            ) from None
+        except asyncio.CancelledError:
+            self.discard(item, "cancelled")
+            raise
 
     def discard(self, item: QueuedRequest, reason: str) -> None:
         """Take a request whose caller stopped waiting out of the queue, if it is still there."""
