@@ -41,13 +41,13 @@ class _Poisoned(torch.nn.Module):
         return self.inner(x)
 
 
-class _OutOfMemoryOver2(torch.nn.Module):
+class _OutOfMemoryOver4(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
 
     def forward(self, x):
-        if x.shape[0] > 2:
+        if x.shape[0] > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return self.inner(x)
 
@@ -163,10 +163,12 @@ async def test_failing_sample_fails_alone_and_worker_survives(tiny_model, photos
 
 
 async def test_out_of_memory_splits_the_batch_in_halves(tiny_model, photos):
-    tiny_model.module = _OutOfMemoryOver2(tiny_model.module).eval()
+    tiny_model.module = _OutOfMemoryOver4(tiny_model.module).eval()
     batcher = Batcher(Engine(tiny_model), max_batch_size=4, max_wait_ms=1000)
     await batcher.start()
-    requests = _requests(photos, 4)
+    # Four LGS requests: pass 1 has 4 rows, pass 2 has 8 (each defended image and its removal check) and runs
+    # out of memory; each half then fits (2 rows, then 4).
+    requests = [Request(image=image, method="lgs") for image in list(photos.values())[:4]]
     results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(r) for r in requests)), 10)
     assert [r.batch_size for r in results] == [2, 2, 2, 2]
     engine = Engine(make_tiny_model())
@@ -221,7 +223,9 @@ def test_constructor_rejects_bad_settings(tiny_model):
 async def test_batches_close_at_max_batch_rows_counting_smoothgrad_copies(tiny_model, photos):
     """SmoothGrad n=8 adds 8 rows to pass 1: with 16 rows a batch, they go two by two; plain requests four."""
     recorder = BatchRecorder(tiny_model.module)
-    batcher = Batcher(Engine(tiny_model), max_batch_size=4, max_batch_rows=16, max_wait_ms=2000, hooks=[recorder])
+    # No wait for company: the eight requests are queued in one pass of the event loop, before the worker
+    # looks, so batches form by rows and size alone (a window would only delay the last one, which cannot fill).
+    batcher = Batcher(Engine(tiny_model), max_batch_size=4, max_batch_rows=16, max_wait_ms=0, hooks=[recorder])
     await batcher.start()
     image = next(iter(photos.values()))
     smooth = [Request(image=image, method="slgs", saliency="smoothgrad:n=8,sigma=0.2") for _ in range(4)]

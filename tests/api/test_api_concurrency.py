@@ -115,7 +115,7 @@ async def test_request_past_its_deadline_gets_504_and_is_not_computed(gated_serv
     server, gate, recorder = gated_server
     server.app.state.settings.request_timeout_s = 0.3
     # Batches are known to be quick, so admission (expected wait < 0.3 s) lets both requests in.
-    server.service.runtimes["tiny"].batcher._trace.seconds = 0.01
+    server.service.runtimes["tiny"].batcher.batch_time.seconds = 0.01
     cat = photo_png()
     async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
         first = asyncio.ensure_future(client.post("/classify", files={"image": ("cat.png", cat, "image/png")}))

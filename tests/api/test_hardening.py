@@ -171,7 +171,7 @@ async def test_a_request_that_would_be_answered_too_late_is_refused_before_decod
     settings = tiny_settings(max_batch_size=1, max_wait_ms=0, request_timeout_s=10)
     with LiveServer(settings, [model]) as server:
         batcher = server.service.runtimes["tiny"].batcher
-        batcher._trace.seconds = 3.0  # the measured batch time, set: no wall-clock in the test
+        batcher.batch_time.seconds = 3.0  # the measured batch time, set: no wall-clock in the test
         gate.opened.clear()
         gate.entered.clear()
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:

@@ -18,7 +18,7 @@ import torch
 from fastapi import Request as HttpRequest
 from fastapi import UploadFile
 
-from elgs.api.middleware import admit
+from elgs.api.middleware import Admission, admit
 from elgs.api.settings import Settings
 from elgs.api.state import ModelRuntime
 from elgs.api.uploads import read_image
@@ -71,10 +71,11 @@ def display_arrays(result: Result) -> Result:
 
 
 async def submit_unless_disconnected(http_request: HttpRequest, runtime: ModelRuntime, request: Request,
-                                     deadline: float) -> Result:
+                                     admission: Admission) -> Result:
     """``runtime.batcher.submit(request)``, cancelled (so dropped before compute) if the client leaves;
     the result comes through :func:`display_arrays`."""
-    submission = asyncio.ensure_future(runtime.batcher.submit(request, deadline=deadline, finish=display_arrays))
+    submission = asyncio.ensure_future(runtime.batcher.submit(request, deadline=admission.deadline,
+                                                              finish=display_arrays, reservation=admission.reservation))
     watcher = asyncio.ensure_future(_wait_for_disconnect(http_request))
     try:
         await asyncio.wait({submission, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -95,14 +96,16 @@ async def run(http_request: HttpRequest, runtime: ModelRuntime, settings: Settin
     time each stage."""
     started = time.perf_counter()
     check(runtime, **request_fields)  # bad parameters cost no admission and no decode
-    deadline = await admit(http_request, runtime, settings)  # 503 when the model cannot take it, before decoding
+    admission = await admit(http_request, runtime, settings)  # 503 when the model cannot take it, before decoding
     image = await read_image(upload, size=runtime.model.input_size, max_upload_mb=settings.max_upload_mb,
                              max_pixels=settings.max_pixels, decoder=http_request.app.state.decoder)
     decoded = time.perf_counter()
-    result = await submit_unless_disconnected(http_request, runtime, Request(image=image, **request_fields), deadline)
+    result = await submit_unless_disconnected(http_request, runtime, Request(image=image, **request_fields), admission)
     engine_timing = dict(result.timing_ms)
     while result.escalate is not None:  # a cascade's screen flagged it: the strong stage, batched with other such
-        result = await submit_unless_disconnected(http_request, runtime, result.escalate, deadline)
+        # The reservation was spent on the first round; the second is admitted (or refused) like a new request.
+        strong = Admission(deadline=admission.deadline, reservation=None)
+        result = await submit_unless_disconnected(http_request, runtime, result.escalate, strong)
         for stage, ms in result.timing_ms.items():
             engine_timing[stage] = engine_timing.get(stage, 0.0) + ms
     waited_ms = (time.perf_counter() - decoded) * 1000

@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fastapi import APIRouter, HTTPException
 from fastapi import Request as HttpRequest
@@ -28,6 +29,7 @@ logger = logging.getLogger("elgs.api")
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's request id is echoed only when it is short and plain (no header or log injection).
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+# Where AdmissionMiddleware leaves the request's reservation for the route, which passes it to submit.
 RESERVATION_KEY = "elgs.reservation"
 
 MISSING_KEY = "missing API key: send the header 'Authorization: Bearer <key>'"
@@ -169,8 +171,9 @@ class AdmissionMiddleware:
 
     For a POST to one of ``inference`` routes, find the model (``?model=``, default the first),
     :meth:`~elgs.batcher.Batcher.reserve` a place with the deadline ``request_timeout_s`` from now
-    and hold it while the upload arrives and decodes; answer 503 at once when the model cannot take
-    the request in time. Requests this cannot place (service starting, unknown model) go on to the
+    and hold it while the upload arrives and decodes (under :data:`RESERVATION_KEY` in the scope, where
+    :func:`admit` finds it for the route to hand to ``batcher.submit``; released here when the request
+    ends, if submit did not take it over); answer 503 at once when the model cannot take the request in time. Requests this cannot place (service starting, unknown model) go on to the
     route, which answers them.
 
     Args:
@@ -207,8 +210,18 @@ class AdmissionMiddleware:
             reservation.release()
 
 
-async def admit(http_request: HttpRequest, runtime, settings) -> float:
-    """Check the parsed form and the request's admission; its ``time.monotonic()`` deadline.
+@dataclass(frozen=True)
+class Admission:
+    """A request admitted to a model's queue: its ``time.monotonic()`` deadline and, when
+    :class:`AdmissionMiddleware` reserved it, the place it holds (a :class:`~elgs.batcher.Reservation`, or
+    on the Ray ingress a ``RemoteReservation``); the route hands both to ``batcher.submit``."""
+
+    deadline: float
+    reservation: Reservation | None = None
+
+
+async def admit(http_request: HttpRequest, runtime, settings) -> Admission:
+    """Check the parsed form and the request's admission.
 
     A request :class:`AdmissionMiddleware` reserved keeps its place and deadline; any other is
     checked against the queue now (length and expected wait), before its image is decoded.
@@ -221,9 +234,9 @@ async def admit(http_request: HttpRequest, runtime, settings) -> float:
     if len(form.getlist("image")) > 1:
         raise HTTPException(422, f"the form has {len(form.getlist('image'))} 'image' parts; send exactly one "
                                  "image per request (curl -F image=@photo.jpg)")
-    reservation: Reservation | None = http_request.scope.get(RESERVATION_KEY)
+    reservation = http_request.scope.get(RESERVATION_KEY)
     if reservation is not None and reservation.batcher is runtime.batcher and not reservation.released:
-        return reservation.deadline
+        return Admission(reservation.deadline, reservation)
     deadline = time.monotonic() + settings.request_timeout_s
     runtime.batcher.check_capacity(deadline)
-    return deadline
+    return Admission(deadline)
