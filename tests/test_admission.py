@@ -24,19 +24,19 @@ def _request(size: int = 32) -> Request:
 
 
 class _CountingEngine(Engine):
-    """Counts ``run`` calls; fails as ``fail(requests)`` says (an exception to raise, or None)."""
+    """Counts ``run_round`` calls (the batcher's); fails as ``fail(requests)`` says (an exception to raise, or None)."""
 
     def __init__(self, model, fail):
         super().__init__(model)
         self.calls: list[int] = []
         self.fail = fail
 
-    def run(self, requests):
+    def run_round(self, requests):
         self.calls.append(len(requests))
         error = self.fail(requests)
         if error is not None:
             raise error
-        return super().run(requests)
+        return super().run_round(requests)
 
 
 async def _batcher(engine_or_model, **options) -> Batcher:

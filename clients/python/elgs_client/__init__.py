@@ -35,11 +35,12 @@ from elgs_client.types import (  # noqa: E402
     ModelInfo,
     Prediction,
     SaliencyResult,
+    Stage,
 )
 
 __all__ = [
     "Client", "AsyncClient", "ClassifyResult", "DefendResult", "SaliencyResult", "Prediction", "ModelInfo",
-    "DefenseInfo", "Health", "ElgsError", "APIConnectionError", "APITimeoutError", "APIStatusError",
+    "DefenseInfo", "Health", "Stage", "ElgsError", "APIConnectionError", "APITimeoutError", "APIStatusError",
     "BadRequestError", "AuthenticationError", "NotFoundError", "PayloadTooLargeError",
     "UnsupportedMediaTypeError", "UnprocessableEntityError", "ServiceUnavailableError", "GatewayTimeoutError",
     "InternalServerError",

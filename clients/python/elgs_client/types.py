@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Prediction", "ClassifyResult", "DefendResult", "SaliencyResult", "ModelInfo", "DefenseInfo", "ParameterRange",
-    "Health",
+    "Health", "Stage",
 ]
 
 
@@ -212,6 +212,7 @@ class DefenseInfo(_Schema):
     summary: Optional[str] = None
     needs_saliency: Optional[bool] = None
     parameters: dict[str, ParameterRange] = Field(default_factory=dict)
+    cascade: Optional[dict[str, str]] = None
 
 
 class Health(_Schema):

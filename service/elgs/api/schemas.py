@@ -132,6 +132,8 @@ class DefenseInfo(BaseModel):
     summary: str
     needs_saliency: bool
     parameters: dict[str, ParameterRange]
+    cascade: dict[str, str] | None = Field(
+        default=None, description="a cascade's screen and strong defence (auto: lgs, then slgs for flagged images)")
 
 
 class SaliencyParameterInfo(BaseModel):

@@ -35,6 +35,7 @@ from torch import nn
 from elgs.defenses._checks import check_image_batch
 from elgs.defenses.gradients import scale_to_unit
 from elgs.defenses.saliency import classes_loss, gradient_magnitude
+from elgs.registry import Registry
 
 N_RANGE = (1, 32)
 SIGMA_RANGE = (0.0, 1.0)
@@ -153,28 +154,22 @@ class SaliencyConfig:
         return f"{self.estimator}:{','.join(values)}"
 
 
-ESTIMATORS: dict[str, SaliencyEstimator] = {}
+ESTIMATORS: Registry[SaliencyEstimator] = Registry("saliency estimator")
 
 
 def register_estimator(estimator: SaliencyEstimator) -> SaliencyEstimator:
     """Add ``estimator`` to the registry; names are unique."""
-    if estimator.name in ESTIMATORS:
-        raise ValueError(f"saliency estimator {estimator.name!r} is already registered")
-    ESTIMATORS[estimator.name] = estimator
-    return estimator
+    return ESTIMATORS.register(estimator)
 
 
 def get_estimator(name: str) -> SaliencyEstimator:
     """The estimator called ``name``; ``KeyError`` naming the choices otherwise."""
-    try:
-        return ESTIMATORS[name]
-    except KeyError:
-        raise KeyError(f"unknown saliency estimator {name!r}; choose one of {', '.join(ESTIMATORS)}") from None
+    return ESTIMATORS.find(name)
 
 
 def estimator_names() -> list[str]:
     """Registered estimator names in registration order."""
-    return list(ESTIMATORS)
+    return ESTIMATORS.names()
 
 
 register_estimator(SaliencyEstimator(

@@ -9,6 +9,7 @@ import torch
 
 from elgs.defenses import filters, transforms
 from elgs.defenses.smoothing import smooth_pixels, suppression
+from elgs.registry import Registry
 
 LAMBDA_RANGE = (0.0, 10.0)
 THRESHOLD_RANGE = (0.0, 1.0)
@@ -127,28 +128,22 @@ class Defense:
         return described
 
 
-DEFENSES: dict[str, Defense] = {}
+DEFENSES: Registry[Defense] = Registry("defence")
 
 
 def register(defense: Defense) -> Defense:
     """Add ``defense`` to the registry; names are unique."""
-    if defense.name in DEFENSES:
-        raise ValueError(f"defence {defense.name!r} is already registered")
-    DEFENSES[defense.name] = defense
-    return defense
+    return DEFENSES.register(defense)
 
 
 def get_defense(name: str) -> Defense:
     """The registered defence called ``name``; ``KeyError`` naming the choices otherwise."""
-    try:
-        return DEFENSES[name]
-    except KeyError:
-        raise KeyError(f"unknown defence {name!r}; choose one of {', '.join(DEFENSES)}") from None
+    return DEFENSES.find(name)
 
 
 def defense_names() -> list[str]:
     """Registered names in registration order."""
-    return list(DEFENSES)
+    return DEFENSES.names()
 
 
 def _gradient_defense(weight_of: Callable[[DefenseInput, torch.Tensor], torch.Tensor] | None = None,

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from elgs.registry import Registry
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -172,28 +174,23 @@ class LoadedModel:
                 "device": str(self.device)}
 
 
-MODELS: dict[str, ModelSpec] = {}
+MODELS: Registry[ModelSpec] = Registry("model")
 
 
 def register(spec: ModelSpec) -> ModelSpec:
     """Add ``spec`` to the zoo."""
-    if spec.name in MODELS:
-        raise ValueError(f"model {spec.name!r} is already registered")
-    MODELS[spec.name] = spec
-    return spec
+    return MODELS.register(spec)
 
 
 def model_names() -> list[str]:
     """Registered model names."""
-    return list(MODELS)
+    return MODELS.names()
 
 
 def get_model_spec(name: str) -> ModelSpec:
     """The zoo entry ``name``; ``KeyError`` naming the choices otherwise."""
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
+    return MODELS.find(name)
+
 
 
 def default_device(requested: str | None = None) -> torch.device:
