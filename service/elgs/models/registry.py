@@ -345,6 +345,6 @@ register(ModelSpec(
     build=_build_efficientnet_lite0,
     embedded_weights=_efficientnet_lite0_file,
     # The plain gradient is blind to a patch on this ReLU6 network (saturated units pass no
-    # gradient); measured choice, see README "Saliency estimators".
+    # gradient); measured choice, see docs/usage.md "Saliency estimators".
     default_saliency="smoothgrad:n=8,sigma=0.2,rectify=true",
 ))
