@@ -89,7 +89,13 @@ async def test_a_request_expected_after_its_deadline_is_refused_with_an_honest_r
         assert refused.value.retry_after_s < batcher.request_timeout_s
         with pytest.raises(QueueFullError):
             await batcher.submit(_request(), deadline=time.monotonic() + 5)  # submit applies the same rule
-        assert batcher.reserve(time.monotonic() + 7).deadline > 0  # a longer deadline fits
+        longer = time.monotonic() + 7
+        held = batcher.reserve(longer)  # a longer deadline fits: expected at 6 s <= 7 s
+        assert (held.deadline, held.released, batcher.reserved) == (longer, False, 1)
+        with pytest.raises(QueueFullError, match="after this request's deadline"):
+            batcher.reserve(time.monotonic() + 7)  # the held place counts: the next is expected at 8 s > 7 s
+        held.release()
+        assert batcher.reserved == 0
         gate.opened.set()
         await asyncio.wait_for(asyncio.gather(first, second), 10)
     finally:

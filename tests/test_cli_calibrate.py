@@ -7,17 +7,31 @@ import pytest
 from elgs.cli import main
 
 
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading a model fails the test: argument errors must come out before the weights load."""
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("elgs.models.load_model", load_model)
+
+
+def _one_line_error(capsys, command: str, message: str) -> None:
+    err = capsys.readouterr().err
+    assert err.startswith(f"elgs {command}: error: {message}") and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("argv,message", [
     (["defend", "skimage:chelsea", "--model", "efficientnet_lite0", "--saliency", "blur"],
      "saliency: unknown saliency estimator 'blur'"),
     (["defend", "skimage:chelsea", "--model", "efficientnet_lite0", "--saliency", "smoothgrad:n=99"],
-     "n must be in [1, 32], got 99"),
+     "saliency: n must be in [1, 32], got 99"),
     (["defend", "skimage:chelsea", "--model", "efficientnet_lite0", "--attack-threshold", "3"],
      "attack_threshold must be a number in [0, 2], got 3.0"),
 ])
-def test_defend_rejects_bad_saliency_and_attack_threshold(argv, message, capsys):
+def test_defend_rejects_bad_saliency_and_attack_threshold(argv, message, no_weights, capsys):
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    _one_line_error(capsys, "defend", message)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -27,15 +41,39 @@ def test_defend_rejects_bad_saliency_and_attack_threshold(argv, message, capsys)
     (["--lambdas", "12"], "--lambdas must lie in [0, 10]"),
     (["--fpr", "1.5"], "--fpr must be in [0, 1), got 1.5"),
     (["--weights", "random"], "calibrating random weights is pointless"),
+    (["--saliency", "smoothgrad:n=99"], "--saliency smoothgrad:n=99: n must be in [1, 32], got 99"),
+    (["--saliency", "blur"], "--saliency blur: unknown saliency estimator 'blur'"),
 ])
-def test_calibrate_user_errors(tmp_path, extra, message, capsys):
+def test_calibrate_user_errors(tmp_path, extra, message, no_weights, capsys):
     from elgs.images import sample_photo
 
     sample_photo("coffee").save(tmp_path / "coffee.png")
     argv = ["calibrate", "--model", "efficientnet_lite0", "--data", str(tmp_path), "--out", str(tmp_path / "c.json")]
     assert main(argv + extra) == 2
-    assert message in capsys.readouterr().err
+    _one_line_error(capsys, "calibrate", message)
     assert not (tmp_path / "c.json").exists()
+
+
+def test_calibrate_checks_its_output_file_before_loading(tmp_path, no_weights, capsys):
+    from elgs.images import sample_photo
+
+    sample_photo("coffee").save(tmp_path / "coffee.png")
+    argv = ["calibrate", "--model", "efficientnet_lite0", "--data", str(tmp_path), "--out"]
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    assert main([*argv, str(blocker / "deeper" / "c.json")]) == 2  # missing folders are made, but not under a file
+    _one_line_error(capsys, "calibrate", f"--out {blocker / 'deeper' / 'c.json'}: {blocker} is not a folder")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")  # the models already in the file are kept, so it must be one
+    assert main([*argv, str(broken)]) == 2
+    _one_line_error(capsys, "calibrate", f"{broken} is not valid JSON")
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--limit"])
+def test_calibrate_counts_must_be_positive(option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", "--data", str(tmp_path), option, "0"])
+    assert exit_info.value.code == 2 and f"{option}: must be an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -60,11 +60,16 @@ def test_channels_last_on_request_gives_the_same_logits(photos):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_fast_path_rejects_an_unknown_dtype(tiny_model):
-    with pytest.raises(ValueError, match="int8"):
-        tiny_model.configure_fast_path(dtype=torch.int8)
-    with pytest.raises(AttributeError):
-        tiny_model.configure_fast_path(dtype="float17")
+def test_fast_path_rejects_an_unknown_dtype():
+    """The documented ValueError, naming the value, for a dtype object or any name but the three."""
+    model = make_tiny_model()
+    model.configure_fast_path(dtype="bfloat16")
+    with pytest.raises(ValueError, match="got torch.int8"):
+        model.configure_fast_path(dtype=torch.int8)
+    for name in ("float17", "int8", "nn"):  # no such torch attribute, not a float dtype, not a dtype at all
+        with pytest.raises(ValueError, match=f"float32, bfloat16 or float16, got {name}$"):
+            model.configure_fast_path(dtype=name)
+    assert model.autocast_dtype is torch.bfloat16  # a refused dtype leaves the model as it was
 
 
 def test_settings_read_the_fast_path_from_the_environment(monkeypatch):
@@ -118,16 +123,26 @@ def test_cuda_autocast_runs_both_passes(photos, dtype):
     model.configure_fast_path(dtype=dtype)
     results = Engine(model).run([Request(image=image, task="defend", method="slgs") for image in photos.values()])
     assert all(r.image.dtype == torch.float32 and r.image.device.type == "cpu" for r in results)
+    assert all(len(r.predictions) == len(r.defended_predictions) == 5 for r in results)  # pass 1 and pass 2
+    assert all(0 <= r.attack_score <= 2 for r in results)
 
 
 @CUDA
 @pytest.mark.slow
 def test_cuda_compile_with_inductor(photos):
-    model = make_tiny_model(device="cuda")
+    """Inductor on CUDA gives the eager model's answers, at every batch size the warm-up compiles."""
+    model, reference = make_tiny_model(device="cuda"), make_tiny_model(device="cuda")
     model.configure_fast_path(compile=True)
+    reference.configure_fast_path()
     requests = [Request(image=image, task="defend", method="slgs") for image in photos.values()]
     for size in warmup_batch_sizes(len(requests), compiled=True):
-        assert len(Engine(model).run(requests[:size])) == size
+        results = Engine(model).run(requests[:size])
+        expected = Engine(reference).run(requests[:size])
+        assert len(results) == size
+        for got, want in zip(results, expected, strict=True):
+            assert [p.index for p in got.predictions] == [p.index for p in want.predictions]
+            assert [p.index for p in got.defended_predictions] == [p.index for p in want.defended_predictions]
+            torch.testing.assert_close(got.image, want.image, rtol=1e-3, atol=1e-3)
 
 
 def test_service_applies_the_fast_path_settings_in_the_compute_thread(photos):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections import Counter
+from dataclasses import dataclass
 
 import httpx
 import numpy as np
@@ -31,6 +33,7 @@ from schemathesis.core.failures import FailureGroup
 from tests.api.helpers import LiveServer, tiny_settings
 from tests.conftest import make_tiny_model
 
+IMAGE_OPERATIONS = ("POST /classify", "POST /defend/{method}", "POST /saliency")
 EXAMPLES = int(os.environ.get("ELGS_FUZZ_EXAMPLES", "150"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Pillow modes, and the formats that can store each.
@@ -73,35 +76,63 @@ def uploads() -> st.SearchStrategy[bytes]:
                      st.binary(max_size=512))
 
 
-def fuzz(url: str, examples: int) -> list[int]:
-    """Send ``examples`` drawn requests to the server at ``url``, check each answer; the statuses seen."""
+def decodes(data: bytes) -> bool:
+    """Whether Pillow reads ``data`` as a whole image."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception:  # noqa: BLE001 - any failure to read counts as "not an image" here
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One fuzzed call: the operation, the status, whether its upload was a readable image (None: no upload)."""
+
+    operation: str
+    status: int
+    readable: bool | None
+
+
+def fuzz(url: str, examples: int) -> list[Answer]:
+    """Send ``examples`` drawn requests to the server at ``url`` and check each answer; what was asked and answered."""
     schema = schemathesis.openapi.from_dict(httpx.get(f"{url}/openapi.json", timeout=10).json())
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {operation.label for operation in operations} >= {"POST /classify", "POST /defend/{method}",
-                                                              "POST /saliency", "GET /models"}
+    assert {operation.label for operation in operations} >= {*IMAGE_OPERATIONS, "GET /models"}
     cases = st.one_of([operation.as_strategy(generation_mode=mode) for operation in operations
                        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
-    statuses: list[int] = []
+    answers: list[Answer] = []
 
     @given(case=cases, upload=uploads())
     @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     def check(case, upload):
+        readable = None
         if isinstance(case.body, dict) and "image" in case.body:
-            case.body["image"] = upload
+            case.body["image"], readable = upload, decodes(upload)
         response = case.call(base_url=url)
-        statuses.append(response.status_code)
+        answers.append(Answer(case.operation.label, response.status_code, readable))
         case.validate_response(response, checks=CHECKS)
 
     check()
-    return statuses
+    return answers
 
 
 def test_fuzz_the_api_from_its_own_openapi():
     with LiveServer(tiny_settings(max_upload_mb=1, max_pixels=100_000), [make_tiny_model()]) as server:
-        statuses = fuzz(server.url, EXAMPLES)
-    print("fuzz statuses:", {code: statuses.count(code) for code in sorted(set(statuses))})
-    assert statuses.count(200) > len(statuses) // 4  # the drawn images do get through to the model
+        answers = fuzz(server.url, EXAMPLES)
+    seen = Counter((answer.operation, answer.status) for answer in answers)
+    print("fuzz answers:", dict(sorted(seen.items())))
+    # Every image endpoint got drawn images through to the model...
+    for operation in IMAGE_OPERATIONS:
+        assert seen[operation, 200] > 0, f"no drawn request reached the model through {operation}"
+    # ...never answered from an upload that is not a readable image...
+    unreadable = [answer for answer in answers if answer.readable is False]
+    assert unreadable and all(answer.status != 200 for answer in unreadable)
+    # ...and refused both ways: an undecodable upload (400) and a bad parameter (422).
+    statuses = {answer.status for answer in answers}
+    assert {400, 422} <= statuses, statuses
 
 
 class _Broken(torch.nn.Module):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from elgs.defenses import DEFENSES, DefenseInput, get_defense
+from elgs.defenses import DEFENSES, DefenseInput, get_defense, local_gradient_map
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])
 STD = torch.tensor([0.229, 0.224, 0.225])
@@ -65,11 +65,19 @@ def test_constant_images_stay_finite_and_gradient_defences_leave_them_alone():
 
 
 def test_lgs_suppresses_towards_mean_colour():
-    x = torch.rand(1, 3, 40, 40)
+    """With lambda 10 and every block kept, strong-gradient pixels (10 g >= 1) land on the mean colour and
+    every other pixel moves towards it by the factor 1 - 10 g."""
+    x = torch.linspace(0.1, 0.9, 40).view(1, 1, 1, 40).expand(1, 3, 40, 40).clone()  # a smooth ramp...
+    x[..., 10:25, 10:25] = torch.rand(1, 3, 15, 15, generator=torch.Generator().manual_seed(1))  # ...and noise
+    mean, std = MEAN.view(1, 3, 1, 1), STD.view(1, 3, 1, 1)
     out = get_defense("lgs").apply(_batch(x, lam=10.0, threshold=0.0)).image
-    # With lambda 10 and every block kept, strong-gradient pixels land on the mean colour.
-    full = (out - MEAN.view(1, 3, 1, 1)).abs() < 1e-6
-    assert full.any()
+    g = local_gradient_map((x - mean) / std, threshold=0.0)
+    strong = 10 * g >= 1
+    assert 0.1 < strong.float().mean() < 0.5  # the noise and its surroundings, not the ramp
+    distance, before = (out - mean).abs(), (x - mean).abs()
+    assert (distance[strong] < 1e-6).all()
+    torch.testing.assert_close(distance[~strong], ((1 - 10 * g) * before)[~strong], atol=1e-6, rtol=0)
+    assert (distance[~strong] < before[~strong]).float().mean() > 0.99  # towards, not away (ties where g = 0)
 
 
 def test_baselines_hand_values():

@@ -6,6 +6,8 @@ No command module imports :mod:`elgs.cli` itself (the package imports them), onl
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from elgs.models import MODELS, WeightsUnavailableError
 
@@ -81,3 +83,40 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return value
+
+
+def check_output_file(option: str, path: str | os.PathLike | None, *, make_folders: bool = False) -> None:
+    """Raise CommandError now when ``path``, the file of ``option``, cannot be written: before the slow work.
+
+    Args:
+        option: the option that names it, for the message (``--out``).
+        path: the file (None: the option was not given).
+        make_folders: the command creates missing folders, so only the nearest existing one must be writable.
+    """
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise CommandError(f"{option} {path}: is a folder, not a file")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise CommandError(f"{option} {path}: the file is not writable")
+    folder = target.parent
+    while make_folders and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.exists():
+        raise CommandError(f"{option} {path}: no such folder {folder}")
+    if not folder.is_dir():
+        raise CommandError(f"{option} {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CommandError(f"{option} {path}: cannot write into {folder}")
+
+
+def write_output_file(option: str, path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` into ``path`` (the file of ``option``); an OS error becomes a one-line CommandError."""
+    try:
+        if isinstance(data, str):
+            Path(path).write_text(data)
+        else:
+            Path(path).write_bytes(data)
+    except OSError as error:
+        raise CommandError(f"{option} {path}: cannot write: {error.strerror or error}") from None

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+from dataclasses import replace
 
-from elgs.cli._common import CommandError, calibration_file, load_model_or_fail, model_arguments
+from elgs.cli._common import (
+    CommandError,
+    calibration_file,
+    check_output_file,
+    load_model_or_fail,
+    model_arguments,
+    write_output_file,
+)
 from elgs.defenses import DEFENSES, LAMBDA_RANGE
+from elgs.models import MODELS
 
 
 def _format_predictions(title_left: str, left, title_right: str, right) -> str:
@@ -25,12 +33,34 @@ def _format_predictions(title_left: str, left, title_right: str, right) -> str:
     return "\n".join(lines)
 
 
-def _defend(args: argparse.Namespace) -> int:
-    from elgs.engine import Engine, InvalidParameterError, Request, UnknownMethodError
-    from elgs.images import ImageDecodeError, ImageTooLargeError, encode_png, image_to_tensor, open_image
+def _checked_request(args: argparse.Namespace):
+    """The defend request of the arguments, checked against the model's zoo entry, and the output files
+    checked writable: every argument error comes out before the weights load.
+
+    Raises:
+        CommandError: an unknown method, a parameter out of range, a bad saliency spec, an output file
+            that cannot be written.
+    """
+    from elgs.engine import InvalidParameterError, ModelDefaults, Request, UnknownMethodError, resolve_request
 
     if args.method not in DEFENSES:
         raise CommandError(f"unknown method {args.method!r}; choose one of {', '.join(DEFENSES)}")
+    request = Request(image=None, task="defend", method=args.method, lam=args.lam, threshold=args.threshold,
+                      saliency=args.saliency, attack_threshold=args.attack_threshold)
+    try:
+        resolve_request(request, ModelDefaults.of(MODELS[args.model].describe()))
+    except (InvalidParameterError, UnknownMethodError) as error:
+        raise CommandError(str(error)) from None
+    for option, path in (("--out", args.out), ("--mask-out", args.mask_out), ("--json", args.json)):
+        check_output_file(option, path)
+    return request
+
+
+def _defend(args: argparse.Namespace) -> int:
+    from elgs.engine import Engine, InvalidParameterError, UnknownMethodError
+    from elgs.images import ImageDecodeError, ImageTooLargeError, image_to_tensor, open_image
+
+    request = _checked_request(args)
     try:
         image = open_image(args.image)
     except FileNotFoundError as error:
@@ -38,12 +68,9 @@ def _defend(args: argparse.Namespace) -> int:
     except (ImageDecodeError, ImageTooLargeError) as error:
         raise CommandError(f"{args.image}: {error}") from None
     model = load_model_or_fail(args)
-    engine = Engine(model, calibration_file=calibration_file())
-    request = Request(image=image_to_tensor(image, model.input_size), task="defend", method=args.method,
-                      lam=args.lam, threshold=args.threshold, saliency=args.saliency,
-                      attack_threshold=args.attack_threshold)
+    request = replace(request, image=image_to_tensor(image, model.input_size))
     try:
-        (result,) = engine.run([request])
+        (result,) = Engine(model, calibration_file=calibration_file()).run([request])
     except (InvalidParameterError, UnknownMethodError) as error:
         raise CommandError(str(error)) from None
     parameters = ", ".join(f"{k} {v:g}" for k, v in (("lambda", result.lam), ("threshold", result.threshold))
@@ -55,11 +82,19 @@ def _defend(args: argparse.Namespace) -> int:
     print(_format_predictions("original", result.predictions, f"defended ({args.method})",
                               result.defended_predictions))
     print(_verdict(result))
+    _write_outputs(args, model, result)
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, model, result) -> None:
+    """The files of ``--out``, ``--mask-out`` and ``--json`` that were asked for."""
+    from elgs.images import encode_png
+
     if args.out:
-        Path(args.out).write_bytes(encode_png(result.image))
+        write_output_file("--out", args.out, encode_png(result.image))
         print(f"defended image written to {args.out}")
     if args.mask_out:
-        Path(args.mask_out).write_bytes(encode_png(result.mask))
+        write_output_file("--mask-out", args.mask_out, encode_png(result.mask))
         print(f"mask written to {args.mask_out}")
     if args.json:
         payload = {
@@ -76,8 +111,7 @@ def _defend(args: argparse.Namespace) -> int:
                         "attack_threshold": s.attack_threshold, "flagged": s.flagged,
                         "top1": s.predictions[0].__dict__} for s in result.stages],
         }
-        Path(args.json).write_text(json.dumps(payload, indent=2))
-    return 0
+        write_output_file("--json", args.json, json.dumps(payload, indent=2))
 
 
 def _verdict(result) -> str:
@@ -86,8 +120,9 @@ def _verdict(result) -> str:
     if result.path is not None:
         for stage in result.stages:
             threshold = "no threshold" if stage.attack_threshold is None else f"threshold {stage.attack_threshold:.4f}"
-            lines.append(f"{stage.method}: score {stage.attack_score:.4f} ({threshold}), top-1 "
-                         f"{stage.predictions[0].label}, " + {True: "flagged", False: "passed", None: "undecided"}[stage.flagged])
+            outcome = {True: "flagged", False: "passed", None: "undecided"}[stage.flagged]
+            lines.append(f"{stage.method}: score {stage.attack_score:.4f} ({threshold}), "
+                         f"top-1 {stage.predictions[0].label}, {outcome}")
         lines.append(f"path: {result.path}")
     return "\n".join([*lines, _final_line(result)])
 

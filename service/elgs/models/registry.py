@@ -140,8 +140,10 @@ class LoadedModel:
         Raises:
             ValueError: an unknown ``dtype``.
         """
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if isinstance(dtype, str):
+            dtype = allowed.get(dtype, dtype)
+        if dtype is not None and dtype not in allowed.values():
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         self.autocast_dtype = None if dtype in (None, torch.float32) else dtype
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
@@ -340,6 +342,6 @@ register(ModelSpec(
     build=_build_efficientnet_lite0,
     embedded_weights=_efficientnet_lite0_file,
     # The plain gradient is blind to a patch on this ReLU6 network (saturated units pass no
-    # gradient); measured choice, see README "Saliency estimators".
+    # gradient); measured choice, see docs/usage.md "Saliency estimators".
     default_saliency="smoothgrad:n=8,sigma=0.2,rectify=true",
 ))
