@@ -133,7 +133,9 @@ def _final_line(result) -> str:
         return (f"attack score {result.attack_score:.4f} (no calibrated threshold: run `elgs calibrate` or pass "
                 f"--attack-threshold); final: the defended answer, {final}")
     verdict = "ATTACKED, final: the defended answer" if result.attacked else "clean, final: the original answer"
-    return f"attack score {result.attack_score:.4f}, threshold {result.attack_threshold:.4f}: {verdict}, {final}"
+    threshold = "no threshold" if result.attack_threshold is None else f"threshold {result.attack_threshold:.4f}"
+    changed = "" if result.attack_threshold is not None else " (the defence kept the top-1)"
+    return f"attack score {result.attack_score:.4f}, {threshold}{changed}: {verdict}, {final}"
 
 
 def add_commands(subparsers) -> None:
