@@ -35,7 +35,7 @@ from elgs.defenses import (
 )
 from elgs.models import LoadedModel
 
-THROUGH_METHODS = ("lgs", "slgs", "wlgs")
+THROUGH_METHODS = ("lgs", "slgs", "wlgs", "auto")
 
 
 def resolve_saliency(model: LoadedModel, saliency: str | SaliencyConfig | None = None) -> SaliencyConfig:
@@ -74,24 +74,31 @@ def defend_differentiable(model: LoadedModel, x: torch.Tensor, method: str, lam:
     Returns:
         (B, 3, H, W) in [0, 1], equal to the engine's defended image.
     """
-    if method not in THROUGH_METHODS:
-        raise ValueError(f"can attack through {', '.join(THROUGH_METHODS)}, got {method!r}")
+    if method not in THROUGH_METHODS or get_defense(method).escalates_to is not None:
+        raise ValueError(f"can defend differentiably with lgs, slgs or wlgs, got {method!r}")
     defense = get_defense(method)
-    batch = x.shape[0]
     saliency_map = quantile = None
     if defense.needs_saliency:
         saliency_map, quantile = constant_saliency(model, x, saliency)
-    return defense.apply(DefenseInput(
-        x=x, mean=model.mean.to(x.dtype), std=model.std.to(x.dtype),
-        lam=torch.full((batch,), float(lam), dtype=x.dtype, device=x.device),
-        threshold=torch.full((batch,), float(threshold), dtype=x.dtype, device=x.device),
-        saliency=saliency_map, saliency_quantile=quantile,
-    )).image
+    return defense.apply(DefenseInput.of(x, model.mean, model.std, lam=lam, threshold=threshold,
+                                         saliency=saliency_map, saliency_quantile=quantile)).image
 
 
 def logits_through(model: LoadedModel, x: torch.Tensor, method: str | None, lam: float,
                    threshold: float = DEFAULT_THRESHOLD, saliency: str | SaliencyConfig | None = None) -> torch.Tensor:
-    """Logits (B, N) of ``x`` after the defence ``method`` (None: no defence)."""
+    """Logits (B, N) of ``x`` after the defence ``method`` (None: no defence).
+
+    ``auto`` (the cascade) answers with the original image unless its LGS screen changes the top-1, so an
+    attacker who knows it wants both views on the target: the undefended one (the answer) and the LGS one
+    (so the screen sees no change and the verdict's score stays small). Its logits are the sum of the two
+    views' logits, one batched call: LaVAN's loss is linear in the logits, so its loss on the sum is the sum
+    of its losses on the views (for the Adversarial Patch's cross entropy, a joint objective of the same
+    kind). The screen's block decision is a step (no gradient, as for ``lgs``).
+    """
+    if method is not None and get_defense(method).escalates_to is not None:
+        screened = defend_differentiable(model, x, get_defense(method).screen, lam, threshold)
+        logits = model.module(model.normalize(torch.cat([x, screened])))
+        return logits[: x.shape[0]] + logits[x.shape[0]:]
     if method is not None:
         x = defend_differentiable(model, x, method, lam, threshold, saliency)
     return model.module(model.normalize(x))

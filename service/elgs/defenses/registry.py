@@ -54,7 +54,9 @@ class DefenseInput:
             saliency: ``S`` (B, H, W) or None.
             saliency_quantile: WLGS quantile, a float or one per image; None: 1.
         """
-        def per_image(values: Sequence[float | None] | float) -> torch.Tensor:
+        def per_image(values: Sequence[float | None] | float | torch.Tensor) -> torch.Tensor:
+            if isinstance(values, torch.Tensor):
+                return values.to(device=x.device, dtype=x.dtype).reshape(-1).expand(x.shape[0])
             if isinstance(values, (int, float)):
                 return torch.full((x.shape[0],), float(values), dtype=x.dtype, device=x.device)
             return torch.tensor([0.0 if v is None else float(v) for v in values], dtype=x.dtype, device=x.device)
