@@ -40,6 +40,7 @@ from elgs.attacks.figures import (
     Records,
     Reference,
     SettingRow,
+    described_columns,
     format_photo_lines,
     format_separated,
     number,
@@ -230,7 +231,7 @@ class EvaluationReport:
         images: evaluated images; placement, threshold, saliency: the run's options.
         reference: labels, clean answers and confidences of the images.
         patches: per patch ``name``, ``path``, ``shape``, ``size``, ``target``, ``target_label``.
-        photos: per whole photograph ``name``, ``format``, ``width``, ``height``.
+        photos: per whole photograph ``name``, ``photo``, ``format``, ``width``, ``height``.
         rows: one :class:`~elgs.attacks.figures.SettingRow` per method and lambda.
     """
 
@@ -335,7 +336,8 @@ def _decoded_photos(photos: Iterable[WholePhoto], size: int) -> tuple[list[dict]
     """Descriptions and the photographs decoded as the service decodes uploads, (P, 3, S, S) uint8."""
     described, arrays = [], []
     for photo in photos:
-        described.append({"name": photo.name, "format": photo.format, "width": photo.width, "height": photo.height})
+        described.append({"name": photo.name, "photo": photo.photo, "format": photo.format, "width": photo.width,
+                          "height": photo.height})
         arrays.append(torch.tensor(decode_for_model(photo.data, size)).permute(2, 0, 1))  # a writable copy
     return described, torch.stack(arrays) if arrays else None
 
@@ -358,7 +360,7 @@ def _setting_row(sums: _SettingSums, reference: Reference, patches: list[PatchSp
               for spec, patch in zip(patches, sums.patches)}
     photo_row = None
     if sums.photos is not None:
-        photo_row = photo_figures(sums.photos, [p["name"] for p in photos], [p["format"] for p in photos])
+        photo_row = photo_figures(sums.photos, *described_columns(photos))
     return setting_row(
         sums.method, sums.lam, reference, Records.concat(sums.clean),
         {spec.name: Records.concat(patch.records) for spec, patch in zip(patches, sums.patches)},
@@ -461,8 +463,7 @@ def rethreshold(report: EvaluationReport | dict, thresholds) -> dict:
                           confidence=np.asarray(report["confidence"]), confident_at=report["confident_at"])
     report["rows"] = rethreshold_rows(
         report["rows"], reference, {patch["name"]: patch["target"] for patch in report["patches"]},
-        lambda row: thresholds.lookup(row["method"], row["lambda"], row["saliency_method"]),
-        [p["name"] for p in report["photos"]], [p["format"] for p in report["photos"]])
+        lambda row: thresholds.lookup(row["method"], row["lambda"], row["saliency_method"]), report["photos"])
     return report
 
 

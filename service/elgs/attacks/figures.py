@@ -157,7 +157,8 @@ class PhotoFigures:
         images: photographs.
         flagged: verdict ``attacked``: the false-positive rate (None: undecided).
         flagged_by_format: the same per format (``JPEG``, ``PNG``).
-        flagged_names: the flagged photographs.
+        flagged_names: the flagged uploads.
+        flagged_photos: the photographs with at least one flagged upload (scikit-image names).
         final_changed: ``final_predictions`` top-1 differs from the original top-1.
         attack_score_mean: mean attack score.
         per_image: the records.
@@ -167,6 +168,7 @@ class PhotoFigures:
     flagged: Share | None
     flagged_by_format: dict[str, Share | None]
     flagged_names: list[str]
+    flagged_photos: list[str]
     final_changed: Share
     attack_score_mean: float
     per_image: Records
@@ -287,16 +289,20 @@ def attack_row(clean: Records, patched: Records, labels: np.ndarray, answer: np.
     )
 
 
-def photo_figures(records: Records, names: Sequence[str], formats: Sequence[str]) -> PhotoFigures:
-    """:class:`PhotoFigures` from the records of whole photographs (``names``, ``formats``: one per record)."""
+def photo_figures(records: Records, names: Sequence[str], formats: Sequence[str],
+                  sources: Sequence[str]) -> PhotoFigures:
+    """:class:`PhotoFigures` from the records of whole photographs (``names``, ``formats`` and source
+    ``sources``: one per record)."""
     flags = records.attacked
     formats = np.asarray(formats)
+    flagged = [] if flags is None else [i for i, flag in enumerate(flags.tolist()) if flag]
     return PhotoFigures(
         images=len(records),
         flagged=None if flags is None else Share.of(flags),
         flagged_by_format={f: None if flags is None else Share.of(flags, formats == f)
                            for f in dict.fromkeys(formats.tolist())},
-        flagged_names=[] if flags is None else [name for name, flag in zip(names, flags.tolist()) if flag],
+        flagged_names=[names[i] for i in flagged],
+        flagged_photos=list(dict.fromkeys(sources[i] for i in flagged)),
         final_changed=Share.of(records.final != records.original),
         attack_score_mean=float(records.score.mean()) if len(records) else float("nan"),
         per_image=records,
@@ -340,8 +346,9 @@ def setting_row(method: str, lam: float | None, images: Reference, clean: Record
 
 
 def redecide_row(row: dict, images: Reference, targets: dict[str, int], threshold: float | None,
-                 photo_names: Sequence[str] = (), photo_formats: Sequence[str] = ()) -> dict:
-    """A JSON row (:meth:`SettingRow.to_dict`) re-decided at ``threshold`` (:meth:`Records.decided_at`)."""
+                 photos: Sequence[dict] = ()) -> dict:
+    """A JSON row (:meth:`SettingRow.to_dict`) re-decided at ``threshold`` (:meth:`Records.decided_at`);
+    ``photos``: the whole photographs' ``name``, ``format`` and ``photo``."""
     clean = Records.from_dict(row["per_image"]).decided_at(threshold)
     patched = {name: Records.from_dict(attack["per_image"]).decided_at(threshold)
                for name, attack in row["attacks"].items()}
@@ -350,18 +357,22 @@ def redecide_row(row: dict, images: Reference, targets: dict[str, int], threshol
     photos = None
     if row.get("whole_photos"):
         photos = photo_figures(Records.from_dict(row["whole_photos"]["per_image"]).decided_at(threshold),
-                               photo_names, photo_formats)
+                               *described_columns(photos))
     return setting_row(row["method"], row["lambda"], images, clean, patched, targets,
                        saliency_method=row["saliency_method"], attack_threshold=threshold,
                        images_per_second=row["images_per_second"], photos=photos, ssim_clean=row.get("ssim_clean"),
                        attack_extras=extras).to_dict()
 
 
+def described_columns(photos: Sequence[dict]) -> tuple[list[str], list[str], list[str]]:
+    """Names, formats and source photographs of described whole photographs."""
+    return [p["name"] for p in photos], [p["format"] for p in photos], [p["photo"] for p in photos]
+
+
 def rethreshold_rows(rows: list[dict], images: Reference, targets: dict[str, int],
-                     threshold_of: Callable[[dict], float | None], photo_names: Sequence[str] = (),
-                     photo_formats: Sequence[str] = ()) -> list[dict]:
+                     threshold_of: Callable[[dict], float | None], photos: Sequence[dict] = ()) -> list[dict]:
     """Every row re-decided at ``threshold_of(row)``."""
-    return [redecide_row(row, images, targets, threshold_of(row), photo_names, photo_formats) for row in rows]
+    return [redecide_row(row, images, targets, threshold_of(row), photos) for row in rows]
 
 
 # Formatting helpers shared by the tables of attack eval and bench robustness.
@@ -423,7 +434,7 @@ def format_photo_lines(rows: list[dict]) -> list[str]:
         formats = ", ".join(f"{name} {share['count']}/{share['total']}"
                             for name, share in photos["flagged_by_format"].items() if share)
         names = ", ".join(photos["flagged_names"][:12]) + (" ..." if len(photos["flagged_names"]) > 12 else "")
-        lines.append(f"{row_label(row)}: {photos['flagged']['count']} of {photos['images']} whole photographs "
-                     f"flagged ({formats}); final answer changed on {photos['final_changed']['count']}"
-                     + (f": {names}" if names else ""))
+        lines.append(f"{row_label(row)}: {photos['flagged']['count']} of {photos['images']} uploads flagged "
+                     f"({formats}), from {len(photos['flagged_photos'])} photographs; final answer changed on "
+                     f"{photos['final_changed']['count']}" + (f"; flagged: {names}" if names else ""))
     return lines

@@ -94,6 +94,53 @@ def bench_service(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_robustness(args: argparse.Namespace) -> int:
+    from elgs.cli.attack import whole_photo_set
+
+    require_bench_extra("the robustness benchmark")
+    from elgs.bench.robustness import run_robustness_benchmark
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise CommandError("--methods is empty; give e.g. slgs,lgs")
+    if not 0 <= args.confident_at <= 1:
+        raise CommandError(f"--confident-at must be in [0, 1], got {args.confident_at}")
+    try:
+        return run_robustness_benchmark(
+            url=args.url, data=args.data, patch=args.patch, model=args.model, methods=methods, target=args.target,
+            lam=args.lam, saliency=args.saliency, workers=args.workers, limit=args.limit, api_key=args.api_key,
+            timeout=args.timeout, json_path=args.json, thresholds_path=args.thresholds,
+            photos=list(whole_photo_set(args.whole_photos)), confident_at=args.confident_at)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        raise CommandError(str(error)) from None
+
+
+def _add_robustness(bench_sub) -> None:
+    from elgs.cli.attack import add_evaluation_arguments
+
+    parser = bench_sub.add_parser(
+        "robustness", help="clean kept, restored, final_predictions, AUROC, whole-photo flags through a running server",
+        description="Clean and patched crops and whole photographs sent to a running service; the figures of "
+                    "`elgs attack eval` from its answers, by confidence, with req/s per method.")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the running service")
+    parser.add_argument("--data", required=True, help="held-out images (labels.json from `elgs data samples`)")
+    parser.add_argument("--patch", required=True, help="patch PNG; its JSON sidecar gives the target")
+    parser.add_argument("--target", type=int, default=None, help="target class index (default: the sidecar's)")
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--methods", default="slgs,lgs", help="comma list (default slgs,lgs)")
+    parser.add_argument("--lambda", dest="lam", type=float, default=None, help="default: the model's")
+    parser.add_argument("--saliency", default=None, help="?saliency= for slgs/wlgs (default: the model's)")
+    parser.add_argument("--workers", type=int, default=8, help="requests in flight (default 8)")
+    parser.add_argument("--limit", type=int, default=None, help="first N images only")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--json", default=None, help="write the rows and checks as JSON")
+    parser.add_argument("--thresholds", default=None,
+                        help="calibration file deciding 'attacked' afterwards where the service had no threshold")
+    add_evaluation_arguments(parser)
+    parser.set_defaults(handler=_bench_robustness)
+
+
 def add_commands(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
@@ -116,3 +163,4 @@ def add_commands(subparsers) -> None:
         description=SERVICE_SUMMARY)
     add_service_arguments(service)
     service.set_defaults(handler=bench_service)
+    _add_robustness(bench_sub)
