@@ -17,12 +17,13 @@ import torch
 
 from elgs.engine import Engine, Request
 from elgs.images import SAMPLE_PHOTOS, image_to_tensor, sample_photo
-from elgs.models import load_model
+from elgs.models import get_model_spec, load_model
 
 
 def run(model_name: str, dtype: str, device: str | None, images: list[torch.Tensor], weights: str = "pretrained",
         input_size: int | None = None) -> tuple[list, float]:
     """``/defend/slgs`` results of every image through the engine with autocast ``dtype``, and ms per image."""
+    torch.manual_seed(0)  # random weights: the same network for every dtype
     model = load_model(model_name, device=device, weights=weights, input_size=input_size)
     model.configure_fast_path(dtype=dtype)
     engine = Engine(model)
@@ -36,7 +37,7 @@ def run_precision(model: str = "efficientnet_lite0", dtypes: Sequence[str] = ("b
                   device: str | None = None, weights: str = "pretrained", input_size: int | None = None,
                   photos: Sequence[str] = SAMPLE_PHOTOS) -> list[dict]:
     """Top-1 agreement of each autocast dtype with float32 on ``photos``; prints a line per dtype."""
-    size = input_size or load_model(model, weights="random", device="cpu").input_size
+    size = input_size or get_model_spec(model).input_size
     images = [image_to_tensor(sample_photo(name), size) for name in photos]
     reference, reference_ms = run(model, "float32", device, images, weights, input_size)
     print(f"{model}, {len(photos)} photographs, /defend/slgs; float32: {reference_ms:.1f} ms per image")
