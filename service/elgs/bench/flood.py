@@ -9,10 +9,8 @@ whether any admitted request got a 504, and how long a probe sent into the full 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
-import json
 import statistics
 import time
 

@@ -29,7 +29,6 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from elgs.bench import PLACEMENTS
 
 
-
 def _photo_array(size: int):
     import numpy as np
     from PIL import Image
