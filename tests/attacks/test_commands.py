@@ -30,7 +30,7 @@ def test_samples_train_eval_from_the_command_line(tmp_path, capsys):
                  "--lambdas", "3.5", "--json", str(report), "--plot", str(tmp_path / "eval.png"),
                  "--whole-photos", "native", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "no defence" in out and "LGS 3.5" in out and "uploads flagged (JPEG 0/22, PNG 0/22)" in out
+    assert "no defence" in out and "LGS 3.5" in out and "whole photographs uploaded as they are" in out
     document = json.loads(report.read_text())
     rows = document["rows"]
     assert [row["method"] for row in rows] == ["none", "lgs"] and rows[0]["clean_accuracy"] == 1.0
