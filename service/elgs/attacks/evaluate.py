@@ -173,7 +173,11 @@ class EngineRun:
 
 def run_engine(engine: Engine, images: torch.Tensor, method: str, lam: float | None, threshold: float,
                batch_size: int, saliency: str | None = None, attack_threshold: float | None = None) -> EngineRun:
-    """Defend ``images`` (N, 3, S, S) through ``engine`` in batches of ``task="defend"`` requests."""
+    """Defend ``images`` (N, 3, S, S) through ``engine`` in batches of ``task="defend"`` requests.
+
+    A result without ``defended_predictions`` or ``image`` (a cascade that answered from its screen)
+    counts its ``final_predictions`` as the defended answer and its input as the defended image.
+    """
     results, started = [], time.perf_counter()
     for chunk in images.split(batch_size):
         results += engine.run([Request(image=image, task="defend", method=method, lam=lam, threshold=threshold,
@@ -181,12 +185,13 @@ def run_engine(engine: Engine, images: torch.Tensor, method: str, lam: float | N
     seconds = time.perf_counter() - started
     records = Records.build(
         original=[r.predictions[0].index for r in results], confidence=[r.predictions[0].score for r in results],
-        defended=[r.defended_predictions[0].index for r in results],
+        defended=[(r.defended_predictions or r.final_predictions)[0].index for r in results],
         final=[r.final_predictions[0].index for r in results], score=[r.attack_score for r in results],
         attacked=[r.attacked for r in results])
     maps = [r.saliency for r in results]
     first = results[0] if results else None
-    return EngineRun(records=records, images=torch.stack([r.image for r in results]) if results else images[:0],
+    defended = [image if r.image is None else r.image for image, r in zip(images, results)]
+    return EngineRun(records=records, images=torch.stack(defended) if results else images[:0],
                      saliency=torch.stack(maps) if maps and all(m is not None for m in maps) else None,
                      saliency_method=first.saliency_method if first else None,
                      attack_threshold=first.attack_threshold if first else None, seconds=seconds)
