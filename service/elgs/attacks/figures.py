@@ -220,17 +220,12 @@ class SettingRow:
     def to_dict(self) -> dict:
         """JSON-ready; ``lam`` is written as ``lambda``, records as lists."""
         data = asdict(self, dict_factory=_json_dict)
-        data = {("lambda" if key == "lam" else key): value for key, value in data.items()}
-        return data
+        return {("lambda" if key == "lam" else key): value for key, value in data.items()}
 
 
 def _json_dict(items: list[tuple[str, object]]) -> dict:
     """``asdict``'s factory: NumPy arrays (the records' fields) become lists."""
     return {key: value.tolist() if isinstance(value, np.ndarray | np.generic) else value for key, value in items}
-
-
-def _share_rate(share: Share | None) -> float | None:
-    return None if share is None else share.rate
 
 
 def _mean(mask: np.ndarray) -> float | None:
