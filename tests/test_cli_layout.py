@@ -39,7 +39,9 @@ COMMANDS = [path for path, _ in _subcommands(build_parser())]
 
 def test_the_commands_are_all_there():
     assert COMMANDS == [("defend",), ("calibrate",), ("models", "list"), ("models", "fetch"), ("defenses",),
-                        ("bench", "defenses"), ("bench", "service"), ("serve",), ("attack", "train"),
+                        ("bench", "defenses"), ("bench", "service"), ("bench", "robustness"), ("bench", "flood"),
+                        ("bench", "placement"), ("bench", "precision"), ("bench", "estimators"),
+                        ("bench", "saliency-probe"), ("bench", "through"), ("serve",), ("attack", "train"),
                         ("attack", "eval"), ("data", "samples")]
 
 
@@ -156,7 +158,8 @@ def test_attack_eval_without_matplotlib_writes_the_json_and_says_why_no_plot(tmp
     report, plot = tmp_path / "eval.json", tmp_path / "eval.png"
     assert main(["attack", "eval", "--data", str(tmp_path / "data"), "--patch", str(tmp_path / "patch.png"),
                  "--target", "toaster", "--image-size", "96", "--weights", "random", "--device", "cpu",
-                 "--methods", "none", "--json", str(report), "--plot", str(plot), "--no-progress"]) == 0
+                 "--methods", "none", "--whole-photos", "none", "--json", str(report), "--plot", str(plot),
+                 "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert report.is_file() and not plot.exists() and "Traceback" not in captured.err
     assert f"no plot: {plot} needs matplotlib, pip install 'elgs[bench]'" in captured.out.splitlines()

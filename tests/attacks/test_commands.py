@@ -28,11 +28,13 @@ def test_samples_train_eval_from_the_command_line(tmp_path, capsys):
     report = tmp_path / "eval.json"
     assert main(["attack", "eval", "--data", str(data / "heldout"), "--patch", str(patch), "--methods", "none,lgs",
                  "--lambdas", "3.5", "--json", str(report), "--plot", str(tmp_path / "eval.png"),
-                 "--no-progress"]) == 0
+                 "--whole-photos", "native", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "no defence" in out and "LGS 3.5" in out
-    rows = json.loads(report.read_text())["rows"]
+    assert "no defence" in out and "LGS 3.5" in out and "whole photographs uploaded as they are" in out
+    document = json.loads(report.read_text())
+    rows = document["rows"]
     assert [row["method"] for row in rows] == ["none", "lgs"] and rows[0]["clean_accuracy"] == 1.0
+    assert len(document["photos"]) == 44 and rows[1]["whole_photos"]["images"] == 44
     assert (tmp_path / "eval.png").is_file()
 
 

@@ -83,7 +83,7 @@ def pipeline(tmp_path_factory):
     save_patch(result, out / "patch.png", model)
     spec = PatchSpec.load(out / "patch.png")
     report = evaluate(model, (photos[12:], labels[12:]), [spec], methods=["none", "lgs", "slgs", "jpeg"],
-                      lambdas=[3.5], batch_size=4, progress=False)
+                      lambdas=[3.5], batch_size=4, progress=False).to_dict()
     return model, photos[12:], spec, report, out
 
 
@@ -158,7 +158,7 @@ def test_streamed_chunks_give_the_same_numbers(pipeline):
     labels = predict_labels(model, images)
     report = copy.deepcopy(report)  # the fixture's report is shared with other tests: do not pop from it
     chunked = evaluate(model, (images, labels), [spec], methods=["none", "lgs", "slgs", "jpeg"], lambdas=[3.5],
-                       batch_size=3, chunk=4, progress=False)
+                       batch_size=3, chunk=4, progress=False).to_dict()
     for whole, parts in zip(report["rows"], chunked["rows"]):
         whole.pop("images_per_second"), parts.pop("images_per_second")
         assert _close(parts, whole), (list(parts["attacks"].values())[0], list(whole["attacks"].values())[0])
@@ -200,7 +200,7 @@ def test_attack_score_detector_and_final_predictions(pipeline):
         for name, batch in (("clean", images), ("patched", patched))}
     middle = float(torch.cat(list(scores.values())).median())
     reports = {threshold: evaluate(model, (images, labels), [spec], methods=["none", "lgs"], lambdas=[3.5],
-                                   batch_size=4, attack_threshold=threshold, progress=False)
+                                   batch_size=4, attack_threshold=threshold, progress=False).to_dict()
                for threshold in (0.0, middle, 2.0)}
     rows = {threshold: {row["method"]: row for row in report["rows"]} for threshold, report in reports.items()}
     lgs = rows[middle]["lgs"]
@@ -224,9 +224,9 @@ def test_attack_score_detector_and_final_predictions(pipeline):
     assert always["attacks"][spec.name]["final_accuracy"] == always["attacks"][spec.name]["accuracy"]
     assert always["attacks"][spec.name]["final_restored_rate"] == always["attacks"][spec.name]["restored_rate"]
     # The flags and final answers derived in the report are the engine's own.
-    served = run_engine(engine, patched, "lgs", 3.5, 0.2, 4, attack_threshold=middle)
-    assert attack["detection_rate"] == pytest.approx(float(served["attacked"].double().mean()))
-    assert attack["final_accuracy"] == pytest.approx(float((served["final"] == labels).double().mean()))
+    served = run_engine(engine, patched, "lgs", 3.5, 0.2, 4, attack_threshold=middle).records
+    assert attack["detection_rate"] == pytest.approx(float(served.attacked.mean()))
+    assert attack["final_accuracy"] == pytest.approx(float((served.final == labels.numpy()).mean()))
     # Re-deciding the report at other thresholds gives what running at them gives.
     for threshold in (0.0, 2.0):
         redone = rethreshold(reports[middle], _FixedThreshold(threshold))

@@ -1,25 +1,31 @@
 """Evaluate defences against trained patches: the paper's Table 1 and Fig. 5, through the engine.
 
-For every method (and every lambda of the methods that take one) the clean images and the patched
-images go through :class:`elgs.engine.Engine` in batches of ``task="defend"`` requests, exactly as the
-service would run them. Reported per row: top-1 accuracy on clean images, and per patch the top-1
-accuracy on patched images, the targeted success rate (over images whose true class is not the
-target), the share of successfully attacked images whose label the defence restored, the mean SSIM
-between input and defended image (scikit-image, as the paper) and images per second. For SLGS, how
-much of the saliency region lies inside the patch (and how much of the patch it covers).
+For every method (and every lambda of the methods that take one) the clean images, the patched
+images and, when given, whole photographs (:func:`elgs.attacks.data.whole_photos`, decoded as the
+service decodes an upload) go through :class:`elgs.engine.Engine` in batches of ``task="defend"``
+requests, exactly as the service would run them; only ``Engine(model, thresholds).run(requests)`` and
+the fields of :class:`~elgs.engine.Result` are used, so any registered method (``auto`` included)
+is evaluated the same way. The figures (:mod:`elgs.attacks.figures`) per row:
 
-The attack score of every answer (the L1 distance between the softmax vectors of pass 1 and pass 2)
-is evaluated as a detector: its AUROC clean vs attacked images and, the sharper question, correctly
-classified clean images vs images the patch fooled; the share of clean and of attacked images it
-flags at the model's calibrated threshold; and the top-1 accuracy of ``final_predictions`` (the
-defended answer when flagged, else the original), the one answer a caller would use.
+- Table 1: top-1 accuracy on clean and patched images, targeted success, the share of fooled
+  images whose label the defence restored, mean SSIM between input and defended image
+  (scikit-image, as the paper), requests per second; for SLGS where its saliency region lies.
+- Separated by confidence: clean answers kept and fooled images restored, by the defence and by
+  ``final_predictions``, over all images and over those whose clean top-1 probability is >= 0.5.
+- The attack score as a detector: AUROC clean vs patched, the shares flagged ``attacked``, and the
+  false-positive rate on whole photographs.
+
+Images are streamed in chunks; what stays in memory is :class:`~elgs.attacks.figures.Records`, a few
+numbers per image, setting and patch (see :mod:`elgs.attacks.figures`), and the whole photographs
+decoded at the model's input size (uint8, 150 KB each at 224 px).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +34,27 @@ from skimage.metrics import structural_similarity
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from elgs.attacks.metrics import auroc
+from elgs.attacks.data import WholePhoto
+from elgs.attacks.figures import (
+    CONFIDENT_AT,
+    Records,
+    Reference,
+    SettingRow,
+    described_columns,
+    format_photo_lines,
+    format_separated,
+    number,
+    percent,
+    photo_figures,
+    rethreshold_rows,
+    row_label,
+    setting_row,
+)
 from elgs.attacks.patches import composite, patch_mask, place, placement_positions, top_right_position
 from elgs.attacks.train import sidecar_path
 from elgs.defenses import DEFAULT_THRESHOLD, get_defense, saliency_region
 from elgs.engine import Engine, Request
-from elgs.images import image_to_tensor, open_image
+from elgs.images import decode_for_model, image_to_tensor, open_image
 from elgs.models import LoadedModel
 
 
@@ -77,11 +98,18 @@ class PatchSpec:
                    name=f"{path.stem} ({image.width}px)")
 
 
+def _uses_lambda(method: str) -> bool:
+    try:
+        return get_defense(method).uses_lambda
+    except KeyError:  # not a registered defence: one row, and Engine.resolve names the error
+        return False
+
+
 def settings(methods: list[str], lambdas: list[float]) -> list[tuple[str, float | None]]:
     """``(method, lambda)`` rows: one per lambda for methods that take one, else one row."""
     rows = []
     for method in methods:
-        if get_defense(method).uses_lambda:
+        if _uses_lambda(method):
             rows += [(method, lam) for lam in lambdas]
         else:
             rows.append((method, None))
@@ -121,55 +149,229 @@ def saliency_overlap(saliency: torch.Tensor, patch_masks: torch.Tensor) -> dict[
     }
 
 
-PER_IMAGE_KEYS = ("score", "original", "defended")
+
+@dataclass(frozen=True)
+class EngineRun:
+    """One image set defended through the engine under one setting.
+
+    Attributes:
+        records: per-image outcomes (N,).
+        images: defended images (N, 3, S, S).
+        saliency: ``S`` (N, S, S) where the method computed one, else None.
+        saliency_method: canonical estimator spec (None: none used).
+        attack_threshold: the threshold the verdicts were decided with (None: none).
+        seconds: wall time of the engine calls.
+    """
+
+    records: Records
+    images: torch.Tensor
+    saliency: torch.Tensor | None
+    saliency_method: str | None
+    attack_threshold: float | None
+    seconds: float
 
 
 def run_engine(engine: Engine, images: torch.Tensor, method: str, lam: float | None, threshold: float,
-               batch_size: int, saliency: str | None = None, attack_threshold: float | None = None) -> dict:
-    """Defend ``images`` (N, 3, S, S) through the engine in batches of ``task="defend"`` requests.
+               batch_size: int, saliency: str | None = None, attack_threshold: float | None = None) -> EngineRun:
+    """Defend ``images`` (N, 3, S, S) through ``engine`` in batches of ``task="defend"`` requests.
 
-    Returns:
-        ``original`` top-1 (N,) from pass 1, ``defended`` top-1 (N,), ``final`` top-1 (N,) of
-        ``final_predictions``, ``score`` (N,) attack scores, ``attacked`` (N,) bool or None when the
-        model has no threshold, ``images`` (N, 3, S, S) defended, ``saliency`` (N, S, S) or None,
-        ``saliency_method`` (the canonical spec, or None), ``attack_threshold`` and ``seconds`` of wall time.
+    A result without ``defended_predictions`` or ``image`` (a cascade that answered from its screen)
+    counts its ``final_predictions`` as the defended answer and its input as the defended image.
     """
-    original, top1, final, score, attacked, defended, maps = [], [], [], [], [], [], []
-    first = None
-    started = time.perf_counter()
+    results, started = [], time.perf_counter()
     for chunk in images.split(batch_size):
-        results = engine.run([Request(image=image, task="defend", method=method, lam=lam, threshold=threshold,
-                                      saliency=saliency, attack_threshold=attack_threshold) for image in chunk])
-        first = first or results[0]
-        original += [r.predictions[0].index for r in results]
-        top1 += [r.defended_predictions[0].index for r in results]
-        final += [r.final_predictions[0].index for r in results]
-        score += [r.attack_score for r in results]
-        attacked += [r.attacked for r in results]
-        defended.append(torch.stack([r.image for r in results]))
-        if results[0].saliency is not None:
-            maps.append(torch.stack([r.saliency for r in results]))
-    decided = bool(attacked) and all(flag is not None for flag in attacked)
-    return {"original": torch.tensor(original), "defended": torch.tensor(top1), "final": torch.tensor(final),
-            "score": torch.tensor(score, dtype=torch.float64),
-            "attacked": torch.tensor(attacked, dtype=torch.bool) if decided else None,
-            "images": torch.cat(defended), "saliency": torch.cat(maps) if maps else None,
-            "saliency_method": first.saliency_method if first is not None else None,
-            "attack_threshold": first.attack_threshold if first is not None else None,
-            "seconds": time.perf_counter() - started}
+        results += engine.run([Request(image=image, task="defend", method=method, lam=lam, threshold=threshold,
+                                       saliency=saliency, attack_threshold=attack_threshold) for image in chunk])
+    seconds = time.perf_counter() - started
+    records = Records.build(
+        original=[r.predictions[0].index for r in results], confidence=[r.predictions[0].score for r in results],
+        defended=[(r.defended_predictions or r.final_predictions)[0].index for r in results],
+        final=[r.final_predictions[0].index for r in results], score=[r.attack_score for r in results],
+        attacked=[r.attacked for r in results])
+    maps = [r.saliency for r in results]
+    first = results[0] if results else None
+    defended = [image if r.image is None else r.image for image, r in zip(images, results)]
+    return EngineRun(records=records, images=torch.stack(defended) if results else images[:0],
+                     saliency=torch.stack(maps) if maps and all(m is not None for m in maps) else None,
+                     saliency_method=first.saliency_method if first else None,
+                     attack_threshold=first.attack_threshold if first else None, seconds=seconds)
 
 
-def _image_chunks(data: Dataset | tuple[torch.Tensor, torch.Tensor], chunk: int, limit: int | None, workers: int):
-    """``(images, labels)`` chunks of at most ``chunk`` images, streamed so large sets never sit in memory."""
-    if isinstance(data, tuple):
-        images, labels = data
-        count = len(images) if limit is None else min(limit, len(images))
-        for start in range(0, count, chunk):
-            yield images[start : min(start + chunk, count)], labels[start : min(start + chunk, count)]
-        return
-    if limit is not None:
-        data = torch.utils.data.Subset(data, range(min(limit, len(data))))
-    yield from torch.utils.data.DataLoader(data, batch_size=chunk, shuffle=False, num_workers=workers)
+@dataclass
+class _PatchSums:
+    """Running sums of one patch under one setting, and its per-image records."""
+
+    records: list[Records] = field(default_factory=list)
+    ssim: float = 0.0
+    saliency: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _SettingSums:
+    """Running sums of one setting over the chunks seen so far."""
+
+    method: str
+    lam: float | None
+    patches: list[_PatchSums]
+    clean: list[Records] = field(default_factory=list)
+    ssim_clean: float = 0.0
+    seconds: float = 0.0
+    processed: int = 0
+    saliency_method: str | None = None
+    attack_threshold: float | None = None
+    photos: Records | None = None
+
+    def add(self, run: EngineRun) -> None:
+        self.seconds += run.seconds
+        self.processed += len(run.records)
+        self.saliency_method, self.attack_threshold = run.saliency_method, run.attack_threshold
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What :func:`evaluate` measured. ``to_dict()`` is the JSON that ``attack eval --json`` writes.
+
+    Attributes:
+        model, weights, input_size: the classifier.
+        images: evaluated images; placement, threshold, saliency: the run's options.
+        reference: labels, clean answers and confidences of the images.
+        patches: per patch ``name``, ``path``, ``shape``, ``size``, ``target``, ``target_label``.
+        photos: per whole photograph ``name``, ``photo``, ``format``, ``width``, ``height``.
+        rows: one :class:`~elgs.attacks.figures.SettingRow` per method and lambda.
+    """
+
+    model: str
+    weights: str
+    input_size: int
+    images: int
+    placement: str
+    threshold: float
+    saliency: str | None
+    reference: Reference
+    patches: list[dict]
+    photos: list[dict]
+    rows: list[SettingRow]
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "weights": self.weights, "input_size": self.input_size, "images": self.images,
+                "placement": self.placement, "threshold": self.threshold, "saliency": self.saliency,
+                "confident_at": self.reference.confident_at, "labels": self.reference.labels.tolist(),
+                "clean_answers": self.reference.answer.tolist(), "confidence": self.reference.confidence.tolist(),
+                "patches": self.patches, "photos": self.photos, "rows": [row.to_dict() for row in self.rows]}
+
+
+def _as_dict(report: EvaluationReport | dict) -> dict:
+    return report.to_dict() if isinstance(report, EvaluationReport) else report
+
+
+def _check_patches(patches: list[PatchSpec], placement: str, size: int) -> None:
+    if placement not in ("fixed", "random"):
+        raise ValueError(f"placement must be 'fixed' or 'random', got {placement!r}")
+    for spec in patches:
+        if not isinstance(spec.target, int):
+            raise ValueError(f"{spec.path}: target must be resolved to a class index, got {spec.target!r}")
+        patch_size = spec.patch.shape[-1]
+        if placement == "fixed":
+            top_right_position(size, patch_size)  # raises when the patch does not fit
+        elif patch_size > size:
+            raise ValueError(f"{spec.path}: a {patch_size} px patch does not fit a {size} px image")
+
+
+def _resolved_table(engine: Engine, methods: list[str], lambdas: list[float], threshold: float,
+                    saliency: str | None, attack_threshold: float | None) -> list[tuple[str, float | None]]:
+    """The settings, each checked by the engine: bad names and out-of-range values fail before any work."""
+    table = settings(methods, lambdas)
+    if not table:
+        raise ValueError(f"nothing to evaluate: methods {methods} with lambdas {lambdas} give no setting")
+    size = engine.model.input_size
+    for method, lam in table:
+        engine.resolve(Request(image=torch.zeros(3, size, size), task="defend", method=method, lam=lam,
+                               threshold=threshold, saliency=saliency, attack_threshold=attack_threshold))
+    return table
+
+
+def _patched_sets(images: torch.Tensor, patches: list[PatchSpec], placement: str,
+                  generators: list[torch.Generator]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per patch: the images with it pasted (B, 3, S, S) and the (B, 1, S, S) canvas of where it is."""
+    size, sets = images.shape[-1], []
+    for spec, generator in zip(patches, generators):
+        patch_size = spec.patch.shape[-1]
+        positions = placement_positions(placement, len(images), size, patch_size, generator=generator)
+        patch_canvas, mask_canvas = place(spec.patch.to(images.dtype), patch_mask(spec.shape, patch_size),
+                                          positions, size, size)
+        sets.append((composite(images, patch_canvas, mask_canvas), mask_canvas))
+    return sets
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The options every engine call of one evaluation shares."""
+
+    engine: Engine
+    threshold: float
+    batch_size: int
+    saliency: str | None
+    attack_threshold: float | None
+    bar: object
+
+    def defend(self, sums: _SettingSums, images: torch.Tensor) -> EngineRun:
+        run = run_engine(self.engine, images, sums.method, sums.lam, self.threshold, self.batch_size, self.saliency,
+                         self.attack_threshold)
+        sums.add(run)
+        self.bar.update(len(images))
+        return run
+
+
+def _evaluate_chunk(run: _Run, sums: _SettingSums, images: torch.Tensor,
+                    patched_sets: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """One chunk of images (and its patched copies) through one setting, added to ``sums``."""
+    clean = run.defend(sums, images)
+    sums.clean.append(clean.records)
+    sums.ssim_clean += mean_ssim(images, clean.images) * len(images)
+    for (patched, mask), patch in zip(patched_sets, sums.patches):
+        attacked = run.defend(sums, patched)
+        patch.records.append(attacked.records)
+        patch.ssim += mean_ssim(patched, attacked.images) * len(images)
+        if attacked.saliency is not None:
+            for key, value in saliency_overlap(attacked.saliency, mask).items():
+                patch.saliency[key] = patch.saliency.get(key, 0.0) + value * len(images)
+
+
+def _decoded_photos(photos: Iterable[WholePhoto], size: int) -> tuple[list[dict], torch.Tensor | None]:
+    """Descriptions and the photographs decoded as the service decodes uploads, (P, 3, S, S) uint8."""
+    described, arrays = [], []
+    for photo in photos:
+        described.append({"name": photo.name, "photo": photo.photo, "format": photo.format, "width": photo.width,
+                          "height": photo.height})
+        arrays.append(torch.tensor(decode_for_model(photo.data, size)).permute(2, 0, 1))  # a writable copy
+    return described, torch.stack(arrays) if arrays else None
+
+
+def _run_photos(run: _Run, sums: _SettingSums, photos: torch.Tensor, chunk: int) -> None:
+    parts = [run.defend(sums, part.float() / 255).records for part in photos.split(chunk)]
+    sums.photos = Records.concat(parts)
+
+
+def _reference(sums: _SettingSums, labels: list[torch.Tensor], confident_at: float) -> Reference:
+    clean = Records.concat(sums.clean)
+    return Reference(labels=torch.cat(labels).numpy().astype(np.int64), answer=clean.original,
+                     confidence=clean.confidence, confident_at=confident_at)
+
+
+def _setting_row(sums: _SettingSums, reference: Reference, patches: list[PatchSpec], photos: list[dict]) -> SettingRow:
+    seen = len(reference.labels)
+    extras = {spec.name: {"ssim": patch.ssim / seen,
+                          "saliency": {k: v / seen for k, v in patch.saliency.items()} if patch.saliency else None}
+              for spec, patch in zip(patches, sums.patches)}
+    photo_row = None
+    if sums.photos is not None:
+        photo_row = photo_figures(sums.photos, *described_columns(photos))
+    return setting_row(
+        sums.method, sums.lam, reference, Records.concat(sums.clean),
+        {spec.name: Records.concat(patch.records) for spec, patch in zip(patches, sums.patches)},
+        {spec.name: spec.target for spec in patches}, saliency_method=sums.saliency_method,
+        attack_threshold=sums.attack_threshold, photos=photo_row, ssim_clean=sums.ssim_clean / seen,
+        images_per_second=sums.processed / sums.seconds if sums.seconds else None, attack_extras=extras)
 
 
 def evaluate(
@@ -189,17 +391,17 @@ def evaluate(
     progress: bool = True,
     chunk: int = 256,
     workers: int = 0,
-) -> dict:
-    """Table 1 numbers for ``patches`` against ``methods`` x ``lambdas`` (see the module docstring).
-
-    Images are streamed in chunks of ``chunk``; every chunk runs through every setting, and the counts
-    are summed, so memory does not grow with the data set.
+    photos: Iterable[WholePhoto] = (),
+    confident_at: float = CONFIDENT_AT,
+    engine: Engine | None = None,
+) -> EvaluationReport:
+    """Every figure of the module docstring for ``patches`` against ``methods`` x ``lambdas``.
 
     Args:
         model: the classifier (the patches' model).
         data: a dataset of ``(image, label)`` or ``(images (N, 3, S, S), labels (N,))``.
         patches: patches to evaluate (targets resolved to indices).
-        methods: defence names.
+        methods: defence names (any method the engine accepts).
         lambdas: lambdas for the methods that take one.
         placement: ``fixed`` (top-right, 10 px in) or ``random`` (seeded, the same for every method).
         batch_size: requests per engine batch.
@@ -207,231 +409,122 @@ def evaluate(
         seed: seeds random placements.
         threshold: gradient-map block threshold.
         saliency: saliency estimator spec for SLGS and WLGS (None: the model's default).
-        attack_threshold: attack-score threshold for every row (None: the model's calibrated ones).
+        attack_threshold: attack-score threshold for every row (None: the engine's calibrated ones).
         progress: show a progress bar.
         chunk: images decoded at a time.
         workers: data loader workers for an on-disk dataset.
+        photos: whole photographs (:func:`elgs.attacks.data.whole_photos`) for the false-positive rate.
+        confident_at: clean top-1 probability from which an image counts as confident.
+        engine: the engine to run (default ``Engine(model)``, with the model's calibrated thresholds).
 
     Returns:
-        a JSON-ready report (see :func:`write_report`).
+        an :class:`EvaluationReport`.
     """
-    if placement not in ("fixed", "random"):
-        raise ValueError(f"placement must be 'fixed' or 'random', got {placement!r}")
-    size = model.input_size
-    for spec in patches:
-        if not isinstance(spec.target, int):
-            raise ValueError(f"{spec.path}: target must be resolved to a class index, got {spec.target!r}")
-        patch_size = spec.patch.shape[-1]
-        if placement == "fixed":
-            top_right_position(size, patch_size)  # raises when the patch does not fit
-        elif patch_size > size:
-            raise ValueError(f"{spec.path}: a {patch_size} px patch does not fit a {size} px image")
+    _check_patches(patches, placement, model.input_size)
+    if not 0 <= confident_at <= 1:
+        raise ValueError(f"confident_at must be a probability in [0, 1], got {confident_at}")
     if batch_size < 1 or chunk < 1:
         raise ValueError(f"batch_size and chunk must be >= 1, got {batch_size} and {chunk}")
     total = len(data[0]) if isinstance(data, tuple) else len(data)
     total = total if limit is None else min(limit, total)
     if total <= 0:
         raise ValueError("no images to evaluate")
-    engine = Engine(model)
-    table = settings(methods, lambdas)
-    if not table:
-        raise ValueError(f"nothing to evaluate: methods {methods} with lambdas {lambdas} give no setting")
-    for method, lam in table:  # bad names and out-of-range values fail here, before any work
-        engine.resolve(Request(image=torch.zeros(3, size, size), task="defend", method=method, lam=lam,
-                               threshold=threshold, saliency=saliency, attack_threshold=attack_threshold))
-    # Per setting: sums over images; per setting and patch: sums over images. The attack score and the
-    # pass-1 and pass-2 top-1 are kept per image (the detector's figures need them, see detector_summary).
-    sums = [{"clean_correct": 0.0, "ssim_clean": 0.0, "seconds": 0.0, "processed": 0, "saliency_method": None,
-             "attack_threshold": None, "per_image": {key: [] for key in PER_IMAGE_KEYS},
-             "attacks": [{"correct": 0.0, "eligible": 0.0, "hits": 0.0, "fooled": 0.0, "restored": 0.0,
-                          "ssim": 0.0, "saliency": {}, "per_image": {key: [] for key in PER_IMAGE_KEYS}}
-                         for _ in patches]} for _ in table]
-    all_labels = []
+    engine = engine or Engine(model)
+    table = _resolved_table(engine, methods, lambdas, threshold, saliency, attack_threshold)
+    described, decoded = _decoded_photos(photos, model.input_size)
+    sums = [_SettingSums(method, lam, [_PatchSums() for _ in patches]) for method, lam in table]
     generators = [torch.Generator().manual_seed(seed * 1_000 + index) for index in range(len(patches))]
-    bar = tqdm(total=len(table) * (1 + len(patches)) * total, disable=not progress, unit="img", desc="eval",
-               dynamic_ncols=True)
-    seen = 0
-    for images, labels in _image_chunks(data, chunk, limit, workers):
-        labels = torch.as_tensor(labels)
-        if images.shape[-2:] != (size, size):
-            raise ValueError(f"images are {tuple(images.shape[-2:])}, the model takes {size}x{size}")
-        seen += len(images)
-        all_labels += labels.tolist()
-        patched_sets, masks = [], []
-        for spec, generator in zip(patches, generators):
-            patch_size = spec.patch.shape[-1]
-            positions = placement_positions(placement, len(images), size, patch_size, generator=generator)
-            patch_canvas, mask_canvas = place(spec.patch.to(images.dtype), patch_mask(spec.shape, patch_size),
-                                              positions, size, size)
-            patched_sets.append(composite(images, patch_canvas, mask_canvas))
-            masks.append(mask_canvas)
-        for (method, lam), acc in zip(table, sums):
-            bar.set_postfix(method=method if lam is None else f"{method} {lam:g}")
-            clean = run_engine(engine, images, method, lam, threshold, batch_size, saliency, attack_threshold)
-            bar.update(len(images))
-            acc["clean_correct"] += float((clean["defended"] == labels).sum())
-            acc["saliency_method"], acc["attack_threshold"] = clean["saliency_method"], clean["attack_threshold"]
-            for key in PER_IMAGE_KEYS:
-                acc["per_image"][key] += clean[key].tolist()
-            acc["ssim_clean"] += mean_ssim(images, clean["images"]) * len(images)
-            acc["seconds"] += clean["seconds"]
-            acc["processed"] += len(images)
-            for spec, patched, mask, attack in zip(patches, patched_sets, masks, acc["attacks"]):
-                run = run_engine(engine, patched, method, lam, threshold, batch_size, saliency, attack_threshold)
-                bar.update(len(images))
-                acc["seconds"] += run["seconds"]
-                acc["processed"] += len(images)
-                eligible = labels != spec.target
-                fooled = (run["original"] == spec.target) & eligible  # the attack worked before the defence
-                attack["correct"] += float((run["defended"] == labels).sum())
-                attack["eligible"] += float(eligible.sum())
-                attack["hits"] += float(((run["defended"] == spec.target) & eligible).sum())
-                attack["fooled"] += float(fooled.sum())
-                attack["restored"] += float((run["defended"][fooled] == labels[fooled]).sum())
-                attack["ssim"] += mean_ssim(patched, run["images"]) * len(images)
-                for key in PER_IMAGE_KEYS:
-                    attack["per_image"][key] += run[key].tolist()
-                if run["saliency"] is not None:
-                    for key, value in saliency_overlap(run["saliency"], mask).items():
-                        attack["saliency"][key] = attack["saliency"].get(key, 0.0) + value * len(images)
+    bar = tqdm(total=len(table) * ((1 + len(patches)) * total + len(described)), disable=not progress, unit="img",
+               desc="eval", dynamic_ncols=True)
+    run = _Run(engine, threshold, batch_size, saliency, attack_threshold, bar)
+    labels = []
+    for images, chunk_labels in _image_chunks(data, chunk, limit, workers):
+        if images.shape[-2:] != (model.input_size, model.input_size):
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, the model takes "
+                             f"{model.input_size}x{model.input_size}")
+        labels.append(torch.as_tensor(chunk_labels))
+        patched_sets = _patched_sets(images, patches, placement, generators)
+        for setting in sums:
+            bar.set_postfix(method=row_label({"method": setting.method, "lambda": setting.lam}))
+            _evaluate_chunk(run, setting, images, patched_sets)
+    for setting in sums if decoded is not None else ():
+        _run_photos(run, setting, decoded, chunk)
     bar.close()
-
-    def ratio(numerator: float, denominator: float) -> float | None:
-        return numerator / denominator if denominator else None
-
-    rows = []
-    for (method, lam), acc in zip(table, sums):
-        row = {"method": method, "lambda": lam, "saliency_method": acc["saliency_method"],
-               "clean_accuracy": acc["clean_correct"] / seen, "ssim_clean": acc["ssim_clean"] / seen,
-               "attacks": {}, "images_per_second": ratio(acc["processed"], acc["seconds"]),
-               "per_image": acc["per_image"]}
-        for spec, attack in zip(patches, acc["attacks"]):
-            row["attacks"][spec.name] = {
-                "accuracy": attack["correct"] / seen,
-                "success_rate": ratio(attack["hits"], attack["eligible"]),
-                "undefended_success_rate": ratio(attack["fooled"], attack["eligible"]),
-                "restored_rate": ratio(attack["restored"], attack["fooled"]),
-                "ssim": attack["ssim"] / seen,
-                **({"saliency": {k: v / seen for k, v in attack["saliency"].items()}} if attack["saliency"] else {}),
-                "per_image": attack["per_image"],
-            }
-        detector_summary(row, all_labels, {spec.name: spec.target for spec in patches}, acc["attack_threshold"])
-        rows.append(row)
-    return {
-        "model": model.name, "weights": model.weights, "input_size": model.input_size, "images": seen,
-        "placement": placement, "threshold": threshold, "saliency": saliency, "labels": all_labels,
-        "patches": [{"name": p.name, "path": str(p.path), "shape": p.shape, "size": int(p.patch.shape[-1]),
-                     "target": p.target, "target_label": model.labels[p.target]} for p in patches],
-        "rows": rows,
-    }
+    reference = _reference(sums[0], labels, confident_at)
+    return EvaluationReport(
+        model=model.name, weights=model.weights, input_size=model.input_size, images=len(reference.labels),
+        placement=placement, threshold=threshold, saliency=saliency, reference=reference,
+        patches=[{"name": p.name, "path": str(p.path), "shape": p.shape, "size": int(p.patch.shape[-1]),
+                  "target": p.target, "target_label": model.labels[p.target]} for p in patches],
+        photos=described, rows=[_setting_row(s, reference, patches, described) for s in sums])
 
 
-def detector_summary(row: dict, labels: list[int], targets: dict[str, int], attack_threshold: float | None) -> dict:
-    """Fill ``row`` (and its ``attacks``) with the attack score's figures at ``attack_threshold``.
-
-    The decision is the engine's: ``attacked = score > threshold`` (None without a threshold), and
-    ``final_predictions`` is the original answer when not attacked, else the defended one. Computed from
-    the row's ``per_image`` scores and top-1s, so a report can be re-decided at other thresholds
-    (:func:`rethreshold`) without running the model again.
-
-    Args:
-        row: a report row with ``per_image`` (clean) and per patch ``per_image``: ``score``,
-            ``original`` and ``defended`` top-1, one entry per image.
-        labels: true class per image.
-        targets: patch name -> target class.
-        attack_threshold: the threshold (None: nothing is decided).
-
-    Returns:
-        ``row``, updated in place.
-    """
-    labels_t = torch.tensor(labels)
-
-    def decided(per_image: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        score = torch.tensor(per_image["score"], dtype=torch.float64)
-        flags = None if attack_threshold is None else score > attack_threshold
-        original, defended = torch.tensor(per_image["original"]), torch.tensor(per_image["defended"])
-        final = defended if flags is None else torch.where(flags, defended, original)
-        return score, flags, final
-
-    def share(values: torch.Tensor | None) -> float | None:
-        return None if values is None or len(values) == 0 else float(values.double().mean())
-
-    clean_score, clean_flags, clean_final = decided(row["per_image"])
-    clean_correct = torch.tensor(row["per_image"]["original"]) == labels_t
-    row.update(attack_threshold=attack_threshold, clean_flagged=share(clean_flags),
-               clean_final_accuracy=share(clean_final == labels_t),
-               clean_attack_score_mean=float(clean_score.mean()))
-    for name, attack in row["attacks"].items():
-        score, flags, final = decided(attack["per_image"])
-        original = torch.tensor(attack["per_image"]["original"])
-        fooled = (original == targets[name]) & (labels_t != targets[name])  # the attack worked before the defence
-        attack.update(
-            auroc=auroc(clean_score, score),
-            auroc_fooled=auroc(clean_score[clean_correct], score[fooled])
-            if fooled.any() and clean_correct.any() else None,
-            detection_rate=share(flags),
-            detection_rate_fooled=share(flags[fooled]) if flags is not None and fooled.any() else None,
-            final_accuracy=share(final == labels_t),
-            final_restored_rate=share((final == labels_t)[fooled]) if fooled.any() else None,
-            attack_score_mean=float(score.mean()),
-        )
-    return row
-
-
-def rethreshold(report: dict, thresholds) -> dict:
-    """A copy of ``report`` with every row re-decided at the thresholds of ``thresholds``
-    (:class:`elgs.thresholds.AttackThresholds`, e.g. a calibration file written after the evaluation ran)."""
-    report = json.loads(json.dumps(report))
-    targets = {patch["name"]: patch["target"] for patch in report["patches"]}
-    for row in report["rows"]:
-        threshold = thresholds.lookup(row["method"], row["lambda"], row["saliency_method"])
-        detector_summary(row, report["labels"], targets, threshold)
+def rethreshold(report: EvaluationReport | dict, thresholds) -> dict:
+    """The report (as JSON) with every row re-decided at the thresholds of ``thresholds``
+    (:class:`elgs.thresholds.AttackThresholds`, e.g. a calibration file written after the evaluation
+    ran), with :meth:`~elgs.attacks.figures.Records.decided_at`'s single-path rule."""
+    report = json.loads(json.dumps(_as_dict(report)))
+    reference = Reference(labels=np.asarray(report["labels"]), answer=np.asarray(report["clean_answers"]),
+                          confidence=np.asarray(report["confidence"]), confident_at=report["confident_at"])
+    report["rows"] = rethreshold_rows(
+        report["rows"], reference, {patch["name"]: patch["target"] for patch in report["patches"]},
+        lambda row: thresholds.lookup(row["method"], row["lambda"], row["saliency_method"]), report["photos"])
     return report
 
 
-def _cell(fraction: float | None, width: int) -> str:
-    """A right-aligned percentage, or '-' where there was nothing to count."""
-    return f"{'-':>{width}}" if fraction is None else f"{100 * fraction:>{width - 1}.1f}%"
+def _image_chunks(data: Dataset | tuple[torch.Tensor, torch.Tensor], chunk: int, limit: int | None, workers: int):
+    """``(images, labels)`` chunks of at most ``chunk`` images, streamed so large sets never sit in memory."""
+    if isinstance(data, tuple):
+        images, labels = data
+        count = len(images) if limit is None else min(limit, len(images))
+        for start in range(0, count, chunk):
+            yield images[start : min(start + chunk, count)], labels[start : min(start + chunk, count)]
+        return
+    if limit is not None:
+        data = torch.utils.data.Subset(data, range(min(limit, len(data))))
+    yield from torch.utils.data.DataLoader(data, batch_size=chunk, shuffle=False, num_workers=workers)
 
 
-def format_table(report: dict) -> str:
-    """The paper's Table 1 layout: one row per method and lambda; top-1 accuracy (%) clean and per patch,
-    then success rate, restored share, SSIM and throughput."""
+
+def format_table(report: EvaluationReport | dict) -> str:
+    """The paper's Table 1 layout (one row per method and lambda; top-1 accuracy (%) clean and per patch,
+    then success rate, restored share, SSIM and requests per second), then the figures separated by
+    confidence, the whole photographs flagged, and the attack score as a detector."""
+    report = _as_dict(report)
     names = [p["name"] for p in report["patches"]]
     header = f"{'method':<14}{'clean':>8}" + "".join(f"{name[:22]:>24}" for name in names)
-    header += "".join(f"{'success':>9}{'restored':>10}" for _ in names) + f"{'SSIM':>8}{'img/s':>8}"
+    header += "".join(f"{'success':>9}{'restored':>10}" for _ in names) + f"{'SSIM':>8}{'req/s':>8}"
     lines = [f"{report['model']} ({report['weights']}), {report['images']} images at {report['input_size']}px, "
              f"patch placement {report['placement']}; top-1 accuracy %", header, "-" * len(header)]
     for row in report["rows"]:
-        label = row["method"].upper() if row["method"] != "none" else "no defence"
-        if row["lambda"] is not None:
-            label += f" {row['lambda']:g}"
-        line = f"{label:<14}{100 * row['clean_accuracy']:>8.2f}"
+        line = f"{row_label(row):<14}{100 * row['clean_accuracy']:>8.2f}"
         line += "".join(f"{100 * row['attacks'][n]['accuracy']:>24.2f}" for n in names)
         for name in names:
             attack = row["attacks"][name]
-            line += _cell(attack["success_rate"], 9) + _cell(attack["restored_rate"], 10)
-        line += f"{row['ssim_clean']:>8.3f}{row['images_per_second'] or 0:>8.1f}"
+            line += percent(attack["success_rate"], 9) + percent(attack["restored_rate"], 10)
+        line += f"{number(row['ssim_clean'], 8)}{number(row['images_per_second'], 8, 1)}"
         lines.append(line)
     slgs_rows = [row for row in report["rows"] if row["method"] == "slgs"]
-    for name in names if slgs_rows else []:
+    for name in names if slgs_rows and names and slgs_rows[0]["attacks"][names[0]]["saliency"] else []:
         overlap = slgs_rows[0]["attacks"][name]["saliency"]
         lines.append(f"SLGS saliency region vs {name}: {100 * overlap['region_in_patch']:.1f}% of the region lies "
                      f"in the patch (the patch is {100 * overlap['patch_area']:.1f}% of the image) and covers "
                      f"{100 * overlap['patch_in_region']:.1f}% of the patch; "
                      f"{100 * overlap['saliency_mass_in_patch']:.1f}% of the saliency mass is in the patch")
     lines.append("success: defended top-1 is the target (true class != target); restored: share of the images "
-                 "the patch fooled whose true label the defence brought back")
+                 "the patch fooled whose true label the defence brought back; req/s: engine requests per second")
+    for name in names:
+        lines += ["", *format_separated(report["rows"], name, report.get("confident_at", CONFIDENT_AT))]
+    photo_lines = format_photo_lines(report["rows"])
+    if photo_lines:
+        lines += ["", "whole photographs uploaded as they are (the false-positive rate of 'attacked'):", *photo_lines]
     lines += ["", *format_detector_table(report)]
     return "\n".join(lines)
 
 
-def _number(value: float | None, width: int, digits: int = 3) -> str:
-    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
-
-
-def format_detector_table(report: dict) -> list[str]:
+def format_detector_table(report: EvaluationReport | dict) -> list[str]:
     """Per patch: the attack score as a detector and the accuracy of ``final_predictions``, per row."""
+    report = _as_dict(report)
     lines = []
     for patch in report["patches"]:
         name = patch["name"]
@@ -439,34 +532,32 @@ def format_detector_table(report: dict) -> list[str]:
                   f"{'flags attacked':>15}{'flags fooled':>13}{'final clean':>12}{'final attacked':>15}"
                   f"{'final restored':>15}")
         lines += [f"attack score vs {name} (L1 distance of the softmax before and after the defence) and "
-                  f"final_predictions (defended answer when flagged, else the original); top-1 %", header,
-                  "-" * len(header)]
+                  f"final_predictions; top-1 % against the labels", header, "-" * len(header)]
         for row in report["rows"]:
-            label = row["method"].upper() if row["method"] != "none" else "no defence"
-            if row["lambda"] is not None:
-                label += f" {row['lambda']:g}"
             attack = row["attacks"][name]
-            lines.append(f"{label:<14}{_number(row['attack_threshold'], 10)}{_number(attack['auroc'], 7)}"
-                         f"{_number(attack['auroc_fooled'], 13)}{_cell(row['clean_flagged'], 12)}"
-                         f"{_cell(attack['detection_rate'], 15)}{_cell(attack['detection_rate_fooled'], 13)}"
-                         f"{_cell(row['clean_final_accuracy'], 12)}{_cell(attack['final_accuracy'], 15)}"
-                         f"{_cell(attack['final_restored_rate'], 15)}")
+            lines.append(f"{row_label(row):<14}{number(row['attack_threshold'], 10)}{number(attack['auroc'], 7)}"
+                         f"{number(attack['auroc_fooled'], 13)}{percent(row['clean_flagged'], 12)}"
+                         f"{percent(attack['detection_rate'], 15)}{percent(attack['detection_rate_fooled'], 13)}"
+                         f"{percent(row['clean_final_accuracy'], 12)}{percent(attack['final_accuracy'], 15)}"
+                         f"{percent(attack['final_restored_rate'], 15)}")
     methods = sorted({row["saliency_method"] for row in report["rows"] if row["saliency_method"]})
     lines.append("AUROC: clean vs attacked images; AUROC fooled: correctly classified clean images vs the images "
-                 "the patch fooled; flags: share above the model's calibrated threshold ('-': none calibrated)"
+                 "the patch fooled; flags: share above the threshold ('-': none calibrated)"
                  + (f"; saliency for SLGS/WLGS: {', '.join(methods)}" if methods else ""))
     return lines
 
 
-def write_report(report: dict, path: str | Path) -> None:
+def write_report(report: EvaluationReport | dict, path: str | Path) -> None:
     """Write ``report`` as indented JSON."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2))
+    Path(path).write_text(json.dumps(_as_dict(report), indent=2))
 
 
-def plot_accuracy(report: dict, path: str | Path) -> None:
+def plot_accuracy(report: EvaluationReport | dict, path: str | Path) -> None:
     """Accuracy vs lambda per method, clean (dashed) and attacked (solid), as the paper's Fig. 5; PNG."""
     import matplotlib
+
+    report = _as_dict(report)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

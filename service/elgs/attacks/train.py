@@ -274,75 +274,100 @@ def train_patch(
     started = time.perf_counter()
     if config.through is not None and get_defense(config.through).needs_saliency:
         config = dataclasses.replace(config, through_saliency=resolve_saliency(model, config.through_saliency).spec)
-    device = model.device
     batches = _Batches(data, workers)
     if len(batches) == 0:
         raise ValueError("no training images")
-    mask = patch_mask(config.shape, config.patch_size, device=device)
-    parameter = PatchParameter(initial_patch(config, init).to(device), config.parametrization)
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD([parameter.tensor], lr=config.lr, momentum=config.momentum)
-        scheduler = paper_scheduler(optimizer, config.epochs)
-    else:
-        optimizer = torch.optim.Adam([parameter.tensor], lr=config.lr)
-        scheduler = None
+    state = _TrainingState.start(config, initial_patch(config, init).to(model.device))
     result = TrainResult(patch=torch.empty(0), config=config)
-    start_epoch = 0
     checkpoint = Path(checkpoint) if checkpoint is not None else None
+    start_epoch = 0
     if resume and checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state["identity"] != config.identity():
-            changed = {k: (state["identity"].get(k), v) for k, v in config.identity().items()
-                       if state["identity"].get(k) != v}
-            raise ValueError(f"checkpoint {checkpoint} was written for another run (saved vs now: {changed})")
-        with torch.no_grad():
-            parameter.tensor.copy_(state["parameter"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
-        result.epoch_loss, result.epoch_success = list(state["epoch_loss"]), list(state["epoch_success"])
-
+        start_epoch = state.resume(checkpoint, model.device, result)
     bar = tqdm(total=config.epochs * config.batches_per_epoch, initial=start_epoch * config.batches_per_epoch,
                disable=not progress, desc=f"{config.attack} -> {config.target}", unit="batch", dynamic_ncols=True)
+    mask = patch_mask(config.shape, config.patch_size, device=model.device)
     for epoch in range(start_epoch, config.epochs):
-        generator = torch.Generator().manual_seed(config.seed * 7_919 + epoch)
-        order = _epoch_order(len(batches), config.batches_per_epoch * config.batch_size, config.seed, epoch)
-        losses, hits, counted = [], 0, 0
-        for images, labels in batches.epoch(order, config.batch_size):
-            images, labels = images.to(device), labels.to(device)
-            patched = patched_batch(images, parameter.patch(), mask, config, generator)
-            logits = logits_through(model, patched, config.through, config.through_lambda, config.threshold,
-                                    config.through_saliency)
-            loss = attack_loss(logits, labels, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            parameter.project()
-            eligible = labels != config.target
-            hits += int((targeted_success(logits.detach(), config.target) & eligible).sum())
-            counted += int(eligible.sum())
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", success=f"{hits / max(counted, 1):.0%}",
-                            lr=f"{optimizer.param_groups[0]['lr']:g}")
-        if scheduler is not None:
-            scheduler.step()
-        result.epoch_loss.append(sum(losses) / len(losses))
-        result.epoch_success.append(hits / max(counted, 1))
+        loss, success = _train_epoch(model, batches, state, mask, epoch, bar)
+        result.epoch_loss.append(loss)
+        result.epoch_success.append(success)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, {
-                "identity": config.identity(), "parameter": parameter.tensor.detach(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else {},
-                "epoch": epoch + 1, "epoch_loss": result.epoch_loss, "epoch_success": result.epoch_success,
-            })
+            save_checkpoint(checkpoint, state.checkpoint(epoch + 1, result))
         if on_epoch is not None:
-            on_epoch(epoch, result.epoch_loss[-1], result.epoch_success[-1])
+            on_epoch(epoch, loss, success)
     bar.close()
-    result.patch = quantize(parameter.patch()).cpu()
+    result.patch = quantize(state.parameter.patch()).cpu()
     result.final_success_rate = success_rate(model, batches, result.patch, config, final_eval_images)
     result.seconds = time.perf_counter() - started
     return result
+
+
+@dataclass
+class _TrainingState:
+    """What a checkpoint holds: the run's configuration, the patch parameter, its optimiser and schedule."""
+
+    config: AttackConfig
+    parameter: PatchParameter
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+
+    @classmethod
+    def start(cls, config: AttackConfig, patch: torch.Tensor) -> _TrainingState:
+        parameter = PatchParameter(patch, config.parametrization)
+        if config.optimizer == "sgd":
+            optimizer = torch.optim.SGD([parameter.tensor], lr=config.lr, momentum=config.momentum)
+            return cls(config, parameter, optimizer, paper_scheduler(optimizer, config.epochs))
+        return cls(config, parameter, torch.optim.Adam([parameter.tensor], lr=config.lr), None)
+
+    def resume(self, checkpoint: Path, device: torch.device, result: TrainResult) -> int:
+        """Load ``checkpoint`` (its configuration must match) and the loss curves into ``result``; the
+        epoch to continue from."""
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state["identity"] != self.config.identity():
+            changed = {k: (state["identity"].get(k), v) for k, v in self.config.identity().items()
+                       if state["identity"].get(k) != v}
+            raise ValueError(f"checkpoint {checkpoint} was written for another run (saved vs now: {changed})")
+        with torch.no_grad():
+            self.parameter.tensor.copy_(state["parameter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        result.epoch_loss, result.epoch_success = list(state["epoch_loss"]), list(state["epoch_success"])
+        return int(state["epoch"])
+
+    def checkpoint(self, epoch: int, result: TrainResult) -> dict:
+        """The checkpoint after ``epoch`` epochs."""
+        return {"identity": self.config.identity(), "parameter": self.parameter.tensor.detach(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict() if self.scheduler else {},
+                "epoch": epoch, "epoch_loss": result.epoch_loss, "epoch_success": result.epoch_success}
+
+
+def _train_epoch(model: LoadedModel, batches: _Batches, state: _TrainingState, mask: torch.Tensor, epoch: int,
+                 bar) -> tuple[float, float]:
+    """One epoch of optimiser steps; its mean loss and running targeted success."""
+    config, parameter, optimizer = state.config, state.parameter, state.optimizer
+    generator = torch.Generator().manual_seed(config.seed * 7_919 + epoch)
+    order = _epoch_order(len(batches), config.batches_per_epoch * config.batch_size, config.seed, epoch)
+    losses, hits, counted = [], 0, 0
+    for images, labels in batches.epoch(order, config.batch_size):
+        images, labels = images.to(model.device), labels.to(model.device)
+        patched = patched_batch(images, parameter.patch(), mask, config, generator)
+        logits = logits_through(model, patched, config.through, config.through_lambda, config.threshold,
+                                config.through_saliency)
+        loss = attack_loss(logits, labels, config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        parameter.project()
+        eligible = labels != config.target
+        hits += int((targeted_success(logits.detach(), config.target) & eligible).sum())
+        counted += int(eligible.sum())
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", success=f"{hits / max(counted, 1):.0%}",
+                        lr=f"{optimizer.param_groups[0]['lr']:g}")
+    if state.scheduler is not None:
+        state.scheduler.step()
+    return sum(losses) / len(losses), hits / max(counted, 1)
 
 
 @torch.no_grad()

@@ -280,7 +280,7 @@ def model_floor_in_subprocess(model: str, *, image_size: int, batch_sizes: Seque
     arguments = {"model": model, "image_size": image_size, "batch_sizes": list(batch_sizes),
                  "duration_s": duration_s, "method": method, "weights": weights, "device": device,
                  "input_size": input_size, "saliency": saliency}
-    code = "import sys; from elgs.bench.service import _floor_process; _floor_process(sys.argv[1])"
+    code = "import sys; from elgs.bench.service import print_floor; print_floor(sys.argv[1])"
     completed = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env=env, capture_output=True,
                                text=True, timeout=duration_s * len(batch_sizes) + 600)
     if completed.returncode != 0:
@@ -288,7 +288,10 @@ def model_floor_in_subprocess(model: str, *, image_size: int, batch_sizes: Seque
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def _floor_process(arguments_json: str) -> None:
+def print_floor(arguments_json: str) -> None:
+    """The fresh process of :func:`model_floor_in_subprocess`: tune the allocator as ``ELGS_MALLOC_TUNING``
+    says, run :func:`model_floor` with the JSON arguments (``image_size`` and ``model`` plus its keyword
+    arguments) and print its rows as one JSON line."""
     from elgs.compute import tune_allocator
 
     tune_allocator()  # as ELGS_MALLOC_TUNING says
@@ -502,7 +505,7 @@ def engine_throughput_in_subprocess(model: str, *, image_size: int, batch_size: 
     """
     arguments = {"model": model, "image_size": image_size, "batch_size": batch_size, "duration_s": duration_s,
                  "method": method, "weights": weights, "device": device, "input_size": input_size}
-    code = "import sys; from elgs.bench.service import _engine_process; _engine_process(sys.argv[1])"
+    code = "import sys; from elgs.bench.service import print_engine_throughput; print_engine_throughput(sys.argv[1])"
     completed = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], env=env, capture_output=True,
                                text=True, timeout=duration_s + 600)
     if completed.returncode != 0:
@@ -510,7 +513,9 @@ def engine_throughput_in_subprocess(model: str, *, image_size: int, batch_size: 
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def _engine_process(arguments_json: str) -> None:
+def print_engine_throughput(arguments_json: str) -> None:
+    """The fresh process of :func:`engine_throughput_in_subprocess`: run :func:`engine_throughput` with the
+    JSON arguments (``image_size`` and ``model`` plus its keyword arguments), print its dict as one JSON line."""
     arguments = json.loads(arguments_json)
     uploads = sample_uploads(arguments.pop("image_size"))
     print(json.dumps(engine_throughput(arguments.pop("model"), uploads, **arguments)), flush=True)
@@ -595,107 +600,157 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
         The JSON document written.
     """
     uploads_size = input_size or _input_size(model)
-    uploads = sample_uploads(uploads_size)
-    levels: list[LevelResult] = []
-    servers: dict[str, int] = {}  # mode -> the server's max_batch_size
-    ceilings: dict[str, dict] = {}
-    extra_env = {"ELGS_DEVICE": device} if device else {}
-    if input_size:
-        extra_env["ELGS_INPUT_SIZE"] = str(input_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if omp_wait_policy:
-        extra_env["OMP_WAIT_POLICY"] = omp_wait_policy
-    process_env = {**os.environ, "ELGS_WEIGHTS": weights, **extra_env}
-    # The floor runs under this environment's own threading and under the servers' OMP_WAIT_POLICY,
-    # and keeps the faster: the hardware's best, whichever setting gets it (on a busy machine torch's
-    # default spinning threads collapse, measured 0.07 instead of 7 img/s; on a quiet one they may win).
-    floor_envs = {"inherited": {key: value for key, value in process_env.items() if key != "OMP_WAIT_POLICY"}}
-    if "OMP_WAIT_POLICY" in os.environ:
-        floor_envs["inherited"]["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
-    if process_env.get("OMP_WAIT_POLICY") != floor_envs["inherited"].get("OMP_WAIT_POLICY"):
-        floor_envs[f"OMP_WAIT_POLICY={process_env['OMP_WAIT_POLICY']}"] = process_env
-    # And with glibc's malloc tuned as the servers tune it (elgs.compute.tune_allocator): a plain script
-    # page-faults its activations in on every pass; the floor is the faster of the two, so the service's
-    # own allocator setting cannot flatter its ratio.
-    floor_envs["inherited"]["ELGS_MALLOC_TUNING"] = "0"
-    floor_envs["malloc tuned"] = {**floor_envs["inherited"], "ELGS_MALLOC_TUNING": "1"}
-    floors: dict[str, list[dict]] = {}
-    floor_runs: dict[str, dict[str, list[dict]]] = {}
-
-    def measure_floor(when: str, batch_size: int) -> None:
-        if not floor:
-            return
-        sizes = floor_batch_sizes(batch_size)[::-1]
-        floor_runs[when] = {
-            label: model_floor_in_subprocess(model, image_size=uploads_size, batch_sizes=sizes, duration_s=duration_s,
-                                             method=method, weights=weights, device=device, input_size=input_size,
-                                             env=env, saliency=saliency)
-            for label, env in floor_envs.items()}
-        floors[when] = [{**max(rows, key=lambda row: row["throughput"]),
-                         "threading": max(zip(rows, floor_runs[when]), key=lambda pair: pair[0]["throughput"])[1]}
-                        for rows in zip(*floor_runs[when].values())]
-        print(f"  floor {when}: " + "; ".join(
-            f"{label}: " + ", ".join(f"batch {row['batch_size']} {row['throughput']:.2f} img/s" for row in rows)
-            for label, rows in floor_runs[when].items()), flush=True)
-
-    server_pids: dict[str, int] = {}
-
-    def measure(server_url: str, mode: str) -> None:
-        servers[mode] = served_batch_size(server_url, model, api_key)
-        for level in concurrency:
-            result = asyncio.run(run_level(server_url, uploads, concurrency=level, duration_s=duration_s,
-                                           method=method, mode=mode, api_key=api_key,
-                                           server_pid=server_pids.get(server_url), saliency=saliency))
-            levels.append(result)
-            print(f"  {mode:<14} concurrency {level:>3}: {result.throughput:7.2f} req/s, "
-                  f"p50 {result.p50_ms:7.1f} ms, p99 {result.p99_ms:7.1f} ms, errors {result.errors}", flush=True)
-        if engine:
-            def measure_engine() -> dict:
-                return engine_throughput_in_subprocess(
-                    model, image_size=uploads_size, batch_size=servers[mode], duration_s=duration_s, method=method,
-                    weights=weights, device=device, input_size=input_size, env=process_env)
-
-            ceilings[mode] = interleaved_ratio(server_url, uploads, measure_engine, duration_s=duration_s,
-                                               rounds=ratio_rounds, method=method, api_key=api_key)
-            print(f"  {mode:<14} engine alone {ceilings[mode]['throughput']:.2f} img/s, HTTP/engine at concurrency "
-                  f"{RATIO_CONCURRENCY}: {ceilings[mode]['ratio']:.3f}", flush=True)
-
+    extra_env, process_env = _server_environment(weights, device, input_size, omp_wait_policy)
+    run = _ServiceRun(model=model, weights=weights, method=method, concurrency=concurrency, duration_s=duration_s,
+                      api_key=api_key, device=device, input_size=input_size, saliency=saliency,
+                      uploads_size=uploads_size, uploads=sample_uploads(uploads_size), process_env=process_env,
+                      floor_envs=floor_environments(process_env) if floor else {},
+                      engine=engine, ratio_rounds=ratio_rounds)
     if url:
         batch_size = served_batch_size(url, model, api_key)
-        measure_floor("before", batch_size)
-        measure(url, "external")
-        measure_floor("after", batch_size)
+        run.measure_floor("before", batch_size)
+        run.measure(url, "external")
+        run.measure_floor("after", batch_size)
     else:
         modes = {"batching on": batched_max_batch_size, "batching off": 1}
         print(f"starting two elgs serve --models {model}: max_batch_size "
               f"{batched_max_batch_size or 'default'} (batching on) and 1 (batching off)", flush=True)
         with serve(model, weights=weights, max_batch_sizes=list(modes.values()), extra_env=extra_env,
-                   log_dir=out_dir, pids=server_pids) as server_urls:
+                   log_dir=out_dir, pids=run.server_pids) as server_urls:
             batch_size = served_batch_size(server_urls[0], model, api_key)
-            measure_floor("before", batch_size)  # the servers are idle meanwhile
+            run.measure_floor("before", batch_size)  # the servers are idle meanwhile
             for mode, server_url in zip(modes, server_urls):
-                measure(server_url, mode)
-            measure_floor("after", batch_size)
-
-    floor_rows = combine_floors(floors["before"], floors["after"]) if floors else {}
-    summary = floor_summary(levels, servers, floor_rows) if floor_rows else {}
-    document = {
-        "model": model, "weights": weights, "method": method, "saliency": saliency, "image_size": uploads_size, "duration_s": duration_s,
-        "cpu_count": os.cpu_count(), "available_cores": _available_cores(), "servers": servers,
-        "omp_wait_policy": process_env.get("OMP_WAIT_POLICY"), "load_average": os.getloadavg(),
-        "floor": {"before": floors.get("before"), "after": floors.get("after"), "runs": floor_runs,
-                  "combined": {str(b): row for b, row in floor_rows.items()}} if floors else {},
-        "floor_ratios": summary,
-        "engine": ceilings, "levels": [asdict(level) for level in levels],
-        "http_engine_ratio_at_8": {mode: ceiling["ratio"] for mode, ceiling in ceilings.items()},
-    }
+                run.measure(server_url, mode)
+            run.measure_floor("after", batch_size)
+    document, floor_rows, summary = run.document()
     (out_dir / "service_load.json").write_text(json.dumps(document, indent=2))
-    plot(levels, ceilings, out_dir / "service_load.png",
-         f"{model} ({weights}), /defend/{method}, {os.cpu_count()} CPUs", floor=floor_rows, servers=servers)
-    print(format_table(levels, ceilings, floor_rows, summary))
+    plot(run.levels, run.ceilings, out_dir / "service_load.png",
+         f"{model} ({weights}), /defend/{method}, {os.cpu_count()} CPUs", floor=floor_rows, servers=run.servers)
+    print(format_table(run.levels, run.ceilings, floor_rows, summary))
     print(f"wrote {out_dir / 'service_load.json'} and {out_dir / 'service_load.png'}")
     return document
+
+
+def _server_environment(weights: str, device: str | None, input_size: int | None,
+                        omp_wait_policy: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """The ``ELGS_*`` (and ``OMP_WAIT_POLICY``) settings of the servers and the engine, and the whole
+    environment of their processes."""
+    extra_env = {"ELGS_DEVICE": device} if device else {}
+    if input_size:
+        extra_env["ELGS_INPUT_SIZE"] = str(input_size)
+    if omp_wait_policy:
+        extra_env["OMP_WAIT_POLICY"] = omp_wait_policy
+    return extra_env, {**os.environ, "ELGS_WEIGHTS": weights, **extra_env}
+
+
+def floor_environments(process_env: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The environments the floor is measured under, by label; :func:`run_service_benchmark` keeps the
+    fastest per batch size.
+
+    This environment's own threading and the servers' ``OMP_WAIT_POLICY``: the hardware's best,
+    whichever setting gets it (on a busy machine torch's default spinning threads collapse, measured
+    0.07 instead of 7 img/s; on a quiet one they may win). And each with glibc's malloc tuned as the
+    servers tune it (:func:`elgs.compute.tune_allocator`): a plain script page-faults its activations
+    in on every pass, so the service's own allocator setting cannot flatter its ratio.
+    """
+    inherited = {key: value for key, value in process_env.items() if key != "OMP_WAIT_POLICY"}
+    if "OMP_WAIT_POLICY" in os.environ:
+        inherited["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
+    envs = {"inherited": inherited}
+    if process_env.get("OMP_WAIT_POLICY") != inherited.get("OMP_WAIT_POLICY"):
+        envs[f"OMP_WAIT_POLICY={process_env['OMP_WAIT_POLICY']}"] = process_env
+    inherited["ELGS_MALLOC_TUNING"] = "0"
+    envs["malloc tuned"] = {**inherited, "ELGS_MALLOC_TUNING": "1"}
+    return envs
+
+
+@dataclass
+class _ServiceRun:
+    """One service benchmark's settings and what it measured so far (floors, levels, engine ceilings)."""
+
+    model: str
+    weights: str
+    method: str
+    concurrency: Sequence[int]
+    duration_s: float
+    api_key: str | None
+    device: str | None
+    input_size: int | None
+    saliency: str | None
+    uploads_size: int
+    uploads: list[bytes]
+    process_env: dict[str, str]
+    floor_envs: dict[str, dict[str, str]]  # empty: no floor
+    engine: bool
+    ratio_rounds: int
+    levels: list[LevelResult] = field(default_factory=list)
+    servers: dict[str, int] = field(default_factory=dict)  # mode -> the server's max_batch_size
+    ceilings: dict[str, dict] = field(default_factory=dict)
+    floors: dict[str, list[dict]] = field(default_factory=dict)
+    floor_runs: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+    server_pids: dict[str, int] = field(default_factory=dict)
+
+    def measure_floor(self, when: str, batch_size: int) -> None:
+        """The floor at the batch sizes up to ``batch_size`` under each environment; the fastest kept."""
+        if not self.floor_envs:
+            return
+        sizes = floor_batch_sizes(batch_size)[::-1]
+        runs = self.floor_runs[when] = {
+            label: model_floor_in_subprocess(self.model, image_size=self.uploads_size, batch_sizes=sizes,
+                                             duration_s=self.duration_s, method=self.method, weights=self.weights,
+                                             device=self.device, input_size=self.input_size, env=env,
+                                             saliency=self.saliency)
+            for label, env in self.floor_envs.items()}
+        self.floors[when] = [{**max(rows, key=lambda row: row["throughput"]),
+                              "threading": max(zip(rows, runs), key=lambda pair: pair[0]["throughput"])[1]}
+                             for rows in zip(*runs.values())]
+        print(f"  floor {when}: " + "; ".join(
+            f"{label}: " + ", ".join(f"batch {row['batch_size']} {row['throughput']:.2f} img/s" for row in rows)
+            for label, rows in runs.items()), flush=True)
+
+    def measure(self, server_url: str, mode: str) -> None:
+        """Every concurrency level against one server, then (``engine``) its engine-alone ceiling."""
+        self.servers[mode] = served_batch_size(server_url, self.model, self.api_key)
+        for level in self.concurrency:
+            result = asyncio.run(run_level(server_url, self.uploads, concurrency=level, duration_s=self.duration_s,
+                                           method=self.method, mode=mode, api_key=self.api_key,
+                                           server_pid=self.server_pids.get(server_url), saliency=self.saliency))
+            self.levels.append(result)
+            print(f"  {mode:<14} concurrency {level:>3}: {result.throughput:7.2f} req/s, "
+                  f"p50 {result.p50_ms:7.1f} ms, p99 {result.p99_ms:7.1f} ms, errors {result.errors}", flush=True)
+        if not self.engine:
+            return
+
+        def measure_engine() -> dict:
+            return engine_throughput_in_subprocess(
+                self.model, image_size=self.uploads_size, batch_size=self.servers[mode], duration_s=self.duration_s,
+                method=self.method, weights=self.weights, device=self.device, input_size=self.input_size,
+                env=self.process_env)
+
+        ceiling = self.ceilings[mode] = interleaved_ratio(server_url, self.uploads, measure_engine,
+                                                          duration_s=self.duration_s, rounds=self.ratio_rounds,
+                                                          method=self.method, api_key=self.api_key)
+        print(f"  {mode:<14} engine alone {ceiling['throughput']:.2f} img/s, HTTP/engine at concurrency "
+              f"{RATIO_CONCURRENCY}: {ceiling['ratio']:.3f}", flush=True)
+
+    def document(self) -> tuple[dict, dict[int, dict], dict]:
+        """The JSON document, the combined floor rows and the per-mode floor summary."""
+        floor_rows = combine_floors(self.floors["before"], self.floors["after"]) if self.floors else {}
+        summary = floor_summary(self.levels, self.servers, floor_rows) if floor_rows else {}
+        document = {
+            "model": self.model, "weights": self.weights, "method": self.method, "saliency": self.saliency,
+            "image_size": self.uploads_size, "duration_s": self.duration_s, "cpu_count": os.cpu_count(),
+            "available_cores": _available_cores(), "servers": self.servers,
+            "omp_wait_policy": self.process_env.get("OMP_WAIT_POLICY"), "load_average": os.getloadavg(),
+            "floor": {"before": self.floors.get("before"), "after": self.floors.get("after"), "runs": self.floor_runs,
+                      "combined": {str(b): row for b, row in floor_rows.items()}} if self.floors else {},
+            "floor_ratios": summary,
+            "engine": self.ceilings, "levels": [asdict(level) for level in self.levels],
+            "http_engine_ratio_at_8": {mode: ceiling["ratio"] for mode, ceiling in self.ceilings.items()},
+        }
+        return document, floor_rows, summary
 
 
 def _available_cores() -> int:

@@ -86,6 +86,29 @@ def _parse_list(text: str, kind, what: str) -> list:
         raise CommandError(f"--{what} must be a comma-separated list, got {text!r}") from None
 
 
+WHOLE_PHOTO_SETS = ("all", "native", "none")
+
+
+def whole_photo_set(name: str):
+    """The whole photographs of ``--whole-photos``: ``all`` (every size, aspect ratio and format of
+    :func:`elgs.attacks.data.whole_photos`), ``native`` (native size, JPEG and PNG) or ``none``."""
+    from elgs.attacks.data import PhotoVariant, whole_photos
+
+    if name == "none":
+        return []
+    return whole_photos() if name == "all" else whole_photos(variants=[PhotoVariant("native")])
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--whole-photos`` and ``--confident-at``, shared by ``attack eval`` and ``bench robustness``."""
+    parser.add_argument("--whole-photos", default="all", choices=WHOLE_PHOTO_SETS,
+                        help="whole scikit-image photographs uploaded as they are, for the false-positive rate of "
+                             "'attacked': all (22 photos x 5 sizes/aspect ratios x JPEG/PNG), native (22 x JPEG/PNG) "
+                             "or none (default all)")
+    parser.add_argument("--confident-at", type=float, default=0.5,
+                        help="clean top-1 probability from which an image counts as confident (default 0.5)")
+
+
 def _attack_eval(args: argparse.Namespace) -> int:
     from elgs.attacks.data import resolve_target
     from elgs.attacks.evaluate import PatchSpec, evaluate, format_table, plot_accuracy, write_report
@@ -119,7 +142,8 @@ def _attack_eval(args: argparse.Namespace) -> int:
         report = evaluate(model, dataset, patches, methods=methods, lambdas=lambdas, placement=args.placement,
                           batch_size=args.batch_size, limit=args.limit, seed=args.seed, threshold=args.threshold,
                           saliency=args.saliency, attack_threshold=args.attack_threshold,
-                          progress=not args.no_progress, workers=args.workers)
+                          progress=not args.no_progress, workers=args.workers,
+                          photos=whole_photo_set(args.whole_photos), confident_at=args.confident_at)
     except ValueError as error:
         raise CommandError(str(error)) from None
     print(format_table(report))
@@ -211,6 +235,7 @@ def add_commands(subparsers) -> None:
     evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N images only")
     evaluate.add_argument("--seed", type=int, default=0, help="seeds random placements")
     evaluate.add_argument("--workers", type=int, default=0, help="data loader workers (default 0)")
+    add_evaluation_arguments(evaluate)
     evaluate.add_argument("--json", default=None, help="write all numbers as JSON")
     evaluate.add_argument("--plot", default=None, help="write accuracy vs lambda (PNG)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
