@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from elgs.cli._common import BENCH_EXTRA, CommandError, load_model_or_fail, model_arguments, positive_int
+from elgs.attacks.through import THROUGH_METHODS
 from elgs.defenses import DEFAULT_THRESHOLD, DEFENSES
 
 DEFAULT_METHODS = "none,lgs,slgs,wlgs,jpeg,median,gaussian"
@@ -192,8 +193,9 @@ def add_commands(subparsers) -> None:
     train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     train.add_argument("--parametrization", default=None, choices=["clamp", "sigmoid"],
                        help="patch = clamp(p, 0, 1) or sigmoid(w) (default: clamp for sgd, sigmoid for adam)")
-    train.add_argument("--through", default=None, choices=["lgs", "slgs", "wlgs"],
-                       help="train through this defence (white-box, paper Eq. 13)")
+    train.add_argument("--through", default=None, choices=list(THROUGH_METHODS),
+                       help="train through this defence (white-box, paper Eq. 13); auto: the original and the "
+                            "LGS-screen views together, so that the cascade's screen sees no change")
     train.add_argument("--through-lambda", type=float, default=3.5, help="lambda of --through (default 3.5)")
     train.add_argument("--through-saliency", default=None,
                        help="saliency estimator of --through slgs/wlgs (default: the model's own, as the service)")
