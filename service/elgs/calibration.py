@@ -18,7 +18,17 @@ from dataclasses import dataclass
 import torch
 
 from elgs.defenses import DEFAULT_THRESHOLD, get_defense, parse_saliency
-from elgs.engine import ModelDefaults, Request, attack_scores, defend, first_pass, resolve_request, second_pass
+from elgs.engine import (
+    NO_REMOVAL,
+    ModelDefaults,
+    Request,
+    attack_scores,
+    defend,
+    first_pass,
+    resolve_request,
+    second_pass,
+    verdicts,
+)
 from elgs.models import LoadedModel
 from elgs.thresholds import AttackThresholds, ThresholdEntry
 
@@ -87,19 +97,21 @@ class CleanViews:
 
     Attributes:
         scores: attack scores (N,).
-        changed: whether the defence changed the top-1, (N,) bool.
-        survives: whether the original top-1 survives the removal check, (N,) bool (False without one).
+        original: pass-1 top-1 classes (N,).
+        defended: pass-2 top-1 classes (N,).
+        removal: top-1 classes with the suspect removed (N,), :data:`elgs.engine.NO_REMOVAL` without a check.
         kinds: the kind of each image (e.g. ``crops``, ``photos``), N strings.
     """
 
     scores: torch.Tensor
-    changed: torch.Tensor
-    survives: torch.Tensor
+    original: torch.Tensor
+    defended: torch.Tensor
+    removal: torch.Tensor
     kinds: list[str]
 
     def attacked(self, threshold: float) -> torch.Tensor:
-        """The verdict at ``threshold`` for each image (:func:`elgs.engine.judge`, vectorised), (N,) bool."""
-        return self.changed & (self.scores > threshold) & ~self.survives
+        """The engine's verdict at ``threshold`` for each image (:func:`elgs.engine.verdicts`), (N,) bool."""
+        return verdicts(self.original, self.defended, self.scores, threshold, self.removal)[1]
 
     def flagged_by_kind(self, threshold: float) -> dict[str, float]:
         """The share of each kind's images the verdict calls attacked at ``threshold``."""
@@ -147,16 +159,14 @@ def clean_views(model: LoadedModel, chunks: Iterable[Chunk], settings: Sequence[
                 requests = [resolve_request(_setting_request(image, setting, threshold), defaults) for image in images]
                 defended = defend(model, x, requests, first.saliency)
                 logits, removal_logits = second_pass(model, defended)
-                survives = torch.zeros(len(requests), dtype=torch.bool, device=x.device)
+                removal = torch.full_like(original_top1, NO_REMOVAL)
                 if defended.removal_rows:
-                    rows = torch.tensor(defended.removal_rows, device=x.device)
-                    survives[rows] = removal_logits.argmax(dim=1) == original_top1[rows]
-                collected[setting].append((attack_scores(first.logits, logits).cpu(),
-                                           (logits.argmax(dim=1) != original_top1).cpu(), survives.cpu()))
-    return {s: CleanViews(scores=torch.cat([v[0] for v in values]), changed=torch.cat([v[1] for v in values]),
-                          survives=torch.cat([v[2] for v in values]), kinds=list(kinds))
-            if values else CleanViews(torch.empty(0), torch.empty(0, dtype=torch.bool),
-                                      torch.empty(0, dtype=torch.bool), [])
+                    removal[torch.tensor(defended.removal_rows, device=x.device)] = removal_logits.argmax(dim=1)
+                collected[setting].append((attack_scores(first.logits, logits).cpu(), original_top1.cpu(),
+                                           logits.argmax(dim=1).cpu(), removal.cpu()))
+    empty = torch.empty(0, dtype=torch.long)
+    return {s: CleanViews(*(torch.cat([v[i] for v in values]) for i in range(4)), kinds=list(kinds))
+            if values else CleanViews(torch.empty(0), empty, empty, empty, [])
             for s, values in collected.items()}
 
 

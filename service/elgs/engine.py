@@ -201,22 +201,45 @@ def decide(score: float, threshold: float | None) -> bool | None:
     return None if threshold is None else bool(score > threshold)
 
 
-def judge(original_top1: int, defended_top1: int, score: float, threshold: float | None,
-          removal_top1: int | None = None) -> tuple[bool | None, bool | None]:
-    """A defence's verdict on one image: ``(flagged, attacked)`` (design.md, section 2.6).
+NO_REMOVAL = -1  # in a removal top-1 tensor: the image had no removal check
+
+
+def verdicts(original: torch.Tensor, defended: torch.Tensor, scores: torch.Tensor, threshold: float,
+             removal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verdict of many images at one threshold: ``(flagged, attacked)``, bool tensors (N,).
 
     ``flagged``: the defence changed the top-1 *and* moved the softmax by more than ``threshold`` (a
-    probability shift that keeps the answer is harmless). ``attacked``: flagged, and the original
-    top-1 does not survive removing the suspected patch outright (``removal_top1``; when it survives,
-    the patch was not what made the answer, so a defence that changed it was steered, not repairing).
+    probability shift that keeps the answer is harmless). ``attacked``: flagged, and the original top-1
+    does not survive removing the suspected patch outright (``removal``; when it survives, the patch was
+    not what made the answer, so a defence that changed it was steered, not repairing).
+
+    Args:
+        original: pass-1 top-1 classes (N,).
+        defended: pass-2 top-1 classes (N,).
+        scores: attack scores (N,).
+        threshold: the attack-score threshold.
+        removal: top-1 classes with the suspect removed (N,), :data:`NO_REMOVAL` where there was no check;
+            None: no check for any image.
+    """
+    flagged = (defended != original) & (scores > threshold)
+    if removal is None:
+        return flagged, flagged
+    return flagged, flagged & (removal != original)
+
+
+def judge(original_top1: int, defended_top1: int, score: float, threshold: float | None,
+          removal_top1: int | None = None) -> tuple[bool | None, bool | None]:
+    """:func:`verdicts` of one image, ``(flagged, attacked)`` (design.md, section 3.2).
+
     Without a threshold a changed top-1 is undecided (None); an unchanged one is never attacked.
     """
     if defended_top1 == original_top1:
         return False, False
-    flagged = decide(score, threshold)
-    if not flagged:
-        return flagged, flagged
-    return True, removal_top1 is None or removal_top1 != original_top1
+    if threshold is None:
+        return None, None
+    flagged, attacked = verdicts(torch.tensor([original_top1]), torch.tensor([defended_top1]), torch.tensor([score]),
+                                 threshold, None if removal_top1 is None else torch.tensor([removal_top1]))
+    return bool(flagged), bool(attacked)
 
 
 def resolve_saliency(spec: str | None, default: SaliencyConfig | str) -> SaliencyConfig:

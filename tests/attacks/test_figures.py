@@ -89,7 +89,8 @@ def test_whole_photos_are_whole_deterministic_and_as_uploaded():
 
 
 def test_evaluation_flags_whole_photos_at_its_threshold():
-    """Through the engine: a threshold of 0 flags every photograph the defence changes at all, 2 none."""
+    """Through the engine: a threshold of 0 flags every photograph whose top-1 the defence changes and the removal
+    check does not keep (the engine's verdict), 2 none."""
     from elgs.attacks.data import predict_labels
     from elgs.images import SAMPLE_PHOTOS, image_to_tensor, sample_photo
     from tests.conftest import make_tiny_model
@@ -104,10 +105,13 @@ def test_evaluation_flags_whole_photos_at_its_threshold():
                                 photos=photos, attack_threshold=threshold).to_dict()["rows"][0]
             for threshold in (0.0, 2.0)}
     always, never = rows[0.0]["whole_photos"], rows[2.0]["whole_photos"]
-    scores = always["per_image"]["score"]
-    assert always["images"] == 8 and always["flagged"]["count"] == sum(score > 0 for score in scores) > 0
+    per_image = always["per_image"]
+    expected = [s > 0 and d != o and r != o for s, o, d, r in
+                zip(per_image["score"], per_image["original"], per_image["defended"], per_image["removal"])]
+    assert always["images"] == 8 and always["flagged"]["count"] == sum(expected)
+    assert sum(s > 0 and d != o for s, o, d in zip(per_image["score"], per_image["original"], per_image["defended"])) > 0
     assert always["flagged_by_format"]["JPEG"]["total"] == 4
-    assert sorted(always["flagged_names"]) == sorted(p.name for p, s in zip(photos, scores) if s > 0)
+    assert sorted(always["flagged_names"]) == sorted(p.name for p, flag in zip(photos, expected) if flag)
     assert never["flagged"] == {"count": 0, "total": 8, "rate": 0.0} and never["final_changed"]["count"] == 0
     # Labels are the clean answers: 'kept' over all images is Table 1's clean accuracy.
     assert rows[2.0]["by_confidence"]["all"]["kept"]["rate"] == pytest.approx(rows[2.0]["clean_accuracy"])

@@ -187,7 +187,8 @@ def run_engine(engine: Engine, images: torch.Tensor, method: str, lam: float | N
         original=[r.predictions[0].index for r in results], confidence=[r.predictions[0].score for r in results],
         defended=[(r.defended_predictions or r.final_predictions)[0].index for r in results],
         final=[r.final_predictions[0].index for r in results], score=[r.attack_score for r in results],
-        attacked=[r.attacked for r in results])
+        attacked=[r.attacked for r in results],
+        removal=[r.removal_prediction.index if r.removal_prediction else None for r in results])
     maps = [r.saliency for r in results]
     first = results[0] if results else None
     defended = [image if r.image is None else r.image for image, r in zip(images, results)]
@@ -462,7 +463,7 @@ def evaluate(
 def rethreshold(report: EvaluationReport | dict, thresholds) -> dict:
     """The report (as JSON) with every row re-decided at the thresholds of ``thresholds``
     (:class:`elgs.thresholds.AttackThresholds`, e.g. a calibration file written after the evaluation
-    ran), with :meth:`~elgs.attacks.figures.Records.decided_at`'s single-path rule."""
+    ran), with :meth:`~elgs.attacks.figures.Records.decided_at` (the engine's verdict)."""
     report = json.loads(json.dumps(_as_dict(report)))
     reference = Reference(labels=np.asarray(report["labels"]), answer=np.asarray(report["clean_answers"]),
                           confidence=np.asarray(report["confidence"]), confident_at=report["confident_at"])

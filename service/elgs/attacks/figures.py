@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from elgs.attacks.metrics import auroc
+from elgs.engine import NO_REMOVAL, verdicts
 
 CONFIDENT_AT = 0.5
 
@@ -63,6 +64,7 @@ class Records:
         final: top-1 of ``final_predictions``.
         score: attack score (float64).
         attacked: the verdict (bool); None when no threshold decided it.
+        removal: top-1 with the suspect removed (:data:`elgs.engine.NO_REMOVAL` where there was no check).
     """
 
     original: np.ndarray
@@ -71,34 +73,46 @@ class Records:
     final: np.ndarray
     score: np.ndarray
     attacked: np.ndarray | None
+    removal: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.original)
 
     @classmethod
-    def build(cls, original, confidence, defended, final, score, attacked) -> Records:
-        """From sequences; ``attacked`` becomes None unless every entry is decided."""
+    def build(cls, original, confidence, defended, final, score, attacked, removal=None) -> Records:
+        """From sequences; ``attacked`` becomes None unless every entry is decided; ``removal`` entries may be
+        None (no check)."""
         flags = None if attacked is None or any(flag is None for flag in attacked) else np.asarray(attacked, bool)
+        removal = None if removal is None else np.asarray([NO_REMOVAL if r is None else r for r in removal], np.int64)
         return cls(original=np.asarray(original, dtype=np.int64), confidence=np.asarray(confidence, np.float32),
                    defended=np.asarray(defended, np.int64), final=np.asarray(final, np.int64),
-                   score=np.asarray(score, np.float64), attacked=flags)
+                   score=np.asarray(score, np.float64), attacked=flags,
+                   removal=None if removal is None or len(removal) != len(original) else removal)
 
     @classmethod
     def concat(cls, parts: Sequence[Records]) -> Records:
         """The records of ``parts`` one after the other."""
         if not parts:
             return cls.build([], [], [], [], [], [])
-        flags = None if any(p.attacked is None for p in parts) else np.concatenate([p.attacked for p in parts])
-        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
-                      for f in fields(cls) if f.name != "attacked"}, attacked=flags)
+        def joined(name: str) -> np.ndarray | None:
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else np.concatenate(values)
+
+        return cls(**{f.name: joined(f.name) for f in fields(cls)})
 
     def decided_at(self, threshold: float | None) -> Records:
-        """The records re-decided at ``threshold`` with the single-path rule: ``attacked = score >
-        threshold`` and ``final`` the defended answer when attacked, else the original (the engine's
-        rule for lgs, slgs, wlgs and the filters); None: nothing decided, ``final`` the defended answer."""
+        """The records re-decided at ``threshold`` with the engine's verdict (:func:`elgs.engine.verdicts`:
+        changed top-1, score above ``threshold``, original not surviving the removal check) and ``final`` the
+        defended answer when attacked, else the original. The rule of one round (lgs, slgs, wlgs, the
+        filters; for ``auto``, its strong stage's: a re-decided screen is not modelled). None: a changed
+        top-1 is undecided (``final`` the defended answer), an unchanged one is not attacked."""
+        changed = self.defended != self.original
         if threshold is None:
-            return replace(self, attacked=None, final=self.defended.copy())
-        flags = self.score > threshold
+            return replace(self, attacked=None, final=np.where(changed, self.defended, self.original))
+        removal = None if self.removal is None else torch.from_numpy(self.removal)
+        _, flags = verdicts(torch.from_numpy(self.original), torch.from_numpy(self.defended),
+                            torch.from_numpy(self.score), threshold, removal)
+        flags = flags.numpy()
         return replace(self, attacked=flags, final=np.where(flags, self.defended, self.original))
 
     def to_dict(self) -> dict:
@@ -108,7 +122,7 @@ class Records:
     @classmethod
     def from_dict(cls, data: dict) -> Records:
         return cls.build(data["original"], data["confidence"], data["defended"], data["final"], data["score"],
-                         data["attacked"])
+                         data["attacked"], data.get("removal"))
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,8 @@ def records_of(answers: Sequence[dict]) -> Records:
     return Records.build(original=top1("original_predictions"),
                          confidence=[a["original_predictions"][0]["score"] for a in answers],
                          defended=top1("predictions"), final=top1("final_predictions"),
-                         score=[a["attack_score"] for a in answers], attacked=[a["attacked"] for a in answers])
+                         score=[a["attack_score"] for a in answers], attacked=[a["attacked"] for a in answers],
+                         removal=[(a.get("removal_top1") or {}).get("index") for a in answers])
 
 
 @dataclass(frozen=True)

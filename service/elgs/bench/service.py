@@ -566,7 +566,7 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
                           engine: bool = False, out_dir: str | os.PathLike = "benchmarks/results",
                           device: str | None = None, input_size: int | None = None, ratio_rounds: int = 3,
                           omp_wait_policy: str | None = None, floor: bool = True,
-                          saliency: str | None = None) -> dict:
+                          saliency: str | None = None, compare: Sequence[str] = ()) -> dict:
     """Benchmark the service; print the table, write ``service_load.json`` and ``service_load.png`` in ``out_dir``.
 
     Args:
@@ -595,6 +595,9 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
         out_dir: where JSON and PNG go (created).
         device: ``ELGS_DEVICE`` for the servers and the engine (default: CUDA when present).
         input_size: ``ELGS_INPUT_SIZE`` for the servers and the engine (default: the model's).
+        compare: other methods measured at the same levels against the same servers, right after ``method``
+            (e.g. ``auto`` against ``slgs``: the cascade's speed-up on clean traffic); the table ends with
+            each one's req/s over ``method``'s per level.
 
     Returns:
         The JSON document written.
@@ -607,7 +610,7 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
                       api_key=api_key, device=device, input_size=input_size, saliency=saliency,
                       uploads_size=uploads_size, uploads=sample_uploads(uploads_size), process_env=process_env,
                       floor_envs=floor_environments(process_env) if floor else {},
-                      engine=engine, ratio_rounds=ratio_rounds)
+                      engine=engine, ratio_rounds=ratio_rounds, compare=tuple(compare))
     if url:
         batch_size = served_batch_size(url, model, api_key)
         run.measure_floor("before", batch_size)
@@ -629,6 +632,8 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
     plot(run.levels, run.ceilings, out_dir / "service_load.png",
          f"{model} ({weights}), /defend/{method}, {os.cpu_count()} CPUs", floor=floor_rows, servers=run.servers)
     print(format_table(run.levels, run.ceilings, floor_rows, summary))
+    if run.compared:
+        print(format_comparison(method, run.levels, run.compared))
     print(f"wrote {out_dir / 'service_load.json'} and {out_dir / 'service_load.png'}")
     return document
 
@@ -685,7 +690,9 @@ class _ServiceRun:
     floor_envs: dict[str, dict[str, str]]  # empty: no floor
     engine: bool
     ratio_rounds: int
+    compare: tuple[str, ...] = ()
     levels: list[LevelResult] = field(default_factory=list)
+    compared: dict[str, list[LevelResult]] = field(default_factory=dict)  # method -> its levels
     servers: dict[str, int] = field(default_factory=dict)  # mode -> the server's max_batch_size
     ceilings: dict[str, dict] = field(default_factory=dict)
     floors: dict[str, list[dict]] = field(default_factory=dict)
@@ -720,6 +727,14 @@ class _ServiceRun:
             self.levels.append(result)
             print(f"  {mode:<14} concurrency {level:>3}: {result.throughput:7.2f} req/s, "
                   f"p50 {result.p50_ms:7.1f} ms, p99 {result.p99_ms:7.1f} ms, errors {result.errors}", flush=True)
+            for other in self.compare:  # right after, so both see the same machine
+                compared = asyncio.run(run_level(server_url, self.uploads, concurrency=level,
+                                                 duration_s=self.duration_s, method=other, mode=mode,
+                                                 api_key=self.api_key, server_pid=self.server_pids.get(server_url),
+                                                 saliency=self.saliency))
+                self.compared.setdefault(other, []).append(compared)
+                print(f"  {mode:<14} concurrency {level:>3}: {compared.throughput:7.2f} req/s /defend/{other}, "
+                      f"{compared.throughput / max(result.throughput, 1e-9):.2f}x", flush=True)
         if not self.engine:
             return
 
@@ -749,8 +764,19 @@ class _ServiceRun:
             "floor_ratios": summary,
             "engine": self.ceilings, "levels": [asdict(level) for level in self.levels],
             "http_engine_ratio_at_8": {mode: ceiling["ratio"] for mode, ceiling in self.ceilings.items()},
+            "compared": {method: [asdict(level) for level in levels] for method, levels in self.compared.items()},
         }
         return document, floor_rows, summary
+
+
+def format_comparison(method: str, levels: Sequence[LevelResult], compared: dict[str, list[LevelResult]]) -> str:
+    """Per server and concurrency, each compared method's req/s and its ratio to ``method``'s."""
+    lines = [f"compared with /defend/{method} (req/s, ratio), same servers, measured right after each level:"]
+    for other, others in compared.items():
+        for base, level in zip(levels, others):
+            lines.append(f"  {level.mode:<14} c={level.concurrency:<3} {method} {base.throughput:7.2f}  {other} "
+                         f"{level.throughput:7.2f}  {other}/{method} {level.throughput / max(base.throughput, 1e-9):5.2f}x")
+    return "\n".join(lines)
 
 
 def _available_cores() -> int:

@@ -56,6 +56,9 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model the servers load (default efficientnet_lite0)")
     parser.add_argument("--weights", default="pretrained", choices=["pretrained", "random"])
     parser.add_argument("--method", default="slgs", help="defence to request (default slgs)")
+    parser.add_argument("--compare", default="", metavar="METHODS",
+                        help="comma list of other defences measured at the same levels on the same servers, each "
+                             "right after --method's, with their req/s ratio (e.g. --method slgs --compare auto)")
     parser.add_argument("--saliency", default=None, metavar="SPEC",
                         help="?saliency= of the requests, e.g. gradient (default: the model's estimator); the floor's "
                              "gradient pass carries as many copies per image")
@@ -101,7 +104,8 @@ def bench_service(args: argparse.Namespace) -> int:
                           duration_s=args.duration, url=args.url, api_key=api_key,
                           batched_max_batch_size=args.max_batch_size, engine=args.engine, out_dir=args.out,
                           device=args.device, input_size=args.input_size, ratio_rounds=args.ratio_rounds,
-                          omp_wait_policy=args.omp_wait_policy or None, floor=args.floor, saliency=args.saliency)
+                          omp_wait_policy=args.omp_wait_policy or None, floor=args.floor, saliency=args.saliency,
+                          compare=[m.strip() for m in args.compare.split(",") if m.strip()])
     return 0
 
 
