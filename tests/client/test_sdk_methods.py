@@ -87,6 +87,17 @@ def test_defend_defaults_come_from_the_server(sync_client, photo_png):
     assert sync_client.defend(photo_png, method="jpeg").lam is None
 
 
+def test_defend_auto_reports_its_path_and_stages(sync_client, photo_png):
+    result = sync_client.defend(photo_png, method="auto", saliency="gradient", attack_threshold=0.0)
+    expected = engine_result(photo_png, task="defend", method="auto", saliency="gradient", attack_threshold=0.0)
+    assert result.method == "auto" and result.path == expected.path in ("screen", "strong")
+    assert [stage.method for stage in result.stages] == [stage.method for stage in expected.stages]
+    assert result.stages[0].method == "lgs" and result.stages[0].top1.index == expected.stages[0].predictions[0].index
+    assert result.attacked is expected.attacked
+    assert_same_predictions(result.final_predictions, expected.final_predictions)
+    assert any(d.name == "auto" and d.cascade == {"screen": "lgs", "strong": "slgs"} for d in sync_client.defenses())
+
+
 def test_saliency(sync_client, photo_png, tmp_path):
     result = sync_client.saliency(photo_png)
     expected = engine_result(photo_png, task="saliency")
@@ -106,14 +117,18 @@ def test_defend_saliency_and_attack_verdict_equal_the_engine(sync_client, photo_
     expected = engine_result(photo_png, task="defend", method="wlgs", lam=6.0, saliency=spec, attack_threshold=0.0)
     assert result.saliency_method == expected.saliency_method == "smoothgrad:n=3,sigma=0.2,rectify=true,seed=0,quantile=0.9"
     assert result.attack_score == pytest.approx(expected.attack_score, abs=1e-5) and result.attack_score > 0
-    assert result.attack_threshold == 0 and result.attacked is True
+    assert result.attack_threshold == 0 and result.attacked is expected.attacked is not None
     assert_same_predictions(result.final_predictions, expected.final_predictions)
-    assert result.final_top1 == result.predictions[0]  # attacked: the defended answer
+    assert result.final_top1 == (result.predictions[0] if result.attacked else result.original_predictions[0])
+    assert [stage.method for stage in result.stages] == ["wlgs"] and result.stages[0].attack_score == result.attack_score
+    assert result.removal_top1.index == expected.removal_prediction.index
     kept = sync_client.defend(photo_png, method="lgs", attack_threshold=2.0)
     assert kept.attacked is False and kept.final_predictions == kept.original_predictions
     assert kept.saliency_method is None
     uncalibrated = sync_client.defend(photo_png, method="lgs")
-    assert uncalibrated.attacked is None and uncalibrated.final_predictions == uncalibrated.predictions
+    changed = uncalibrated.predictions[0].index != uncalibrated.original_predictions[0].index
+    assert uncalibrated.attacked is (None if changed else False)  # random weights: no threshold
+    assert uncalibrated.final_predictions == (uncalibrated.predictions if changed else uncalibrated.original_predictions)
     saliency = sync_client.saliency(photo_png, saliency=spec)
     assert saliency.saliency_method == result.saliency_method
     assert sync_client.models()[0].default_saliency == "gradient"
