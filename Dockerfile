@@ -82,7 +82,7 @@ ENV ELGS_ALLOW_DOWNLOAD=0
 WORKDIR /home/elgs
 EXPOSE 8000
 # /health/ready answers 503 until the models are loaded and warmed up; urllib raises on it.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=4)"]
 
 # SIGTERM (Docker's default, written out): uvicorn stops accepting connections, answers every request in
