@@ -13,6 +13,7 @@
 #   FETCH_WEIGHTS   build arg (0: the smoke needs no VGG16 / InceptionV3 weights)
 #   SMOKE_PORT      host port of the container (18000; the compose step uses SMOKE_PORT+1)
 #   SMOKE_BUILD     0: skip the build, test an existing IMAGE
+#   SMOKE_STOP_TIMEOUT  docker stop's grace in the stop under load (45; Docker's default 10 loses requests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,7 @@ MODEL=${SMOKE_MODEL:-efficientnet_lite0}
 FETCH_WEIGHTS=${FETCH_WEIGHTS:-0}
 PORT=${SMOKE_PORT:-18000}
 COMPOSE_PORT=$((PORT + 1))
-STOP_TIMEOUT=45          # > ELGS_REQUEST_TIMEOUT_S (30 s): what compose's stop_grace_period gives too
+STOP_TIMEOUT=${SMOKE_STOP_TIMEOUT:-45}   # > ELGS_REQUEST_TIMEOUT_S (30 s), as compose's stop_grace_period
 IN_FLIGHT=8
 NAME=elgs-smoke-$$
 PROJECT=elgs-smoke-$$
@@ -90,12 +91,14 @@ sample_photo('chelsea').save(sys.stdout.buffer, 'PNG')" > "$WORK/chelsea.png"
 ok "$(wc -c < "$WORK/chelsea.png") bytes"
 
 step "run the server with --cpus=1 and wait for healthy"
+run_started=$SECONDS
 docker run -d --name "$NAME" --cpus=1 -p "127.0.0.1:$PORT:8000" -e ELGS_MODELS="$MODEL" "$IMAGE" >/dev/null
 wait_healthy "$NAME"
-ok "healthy after $((SECONDS - STARTED)) s since start of the smoke; user $(docker exec "$NAME" id -u)"
-docker logs "$NAME" 2>&1 | grep -q "elgs-compute-$MODEL: 1 torch thread (" \
-  || { docker logs "$NAME" 2>&1 | grep -i "torch thread" >&2; fail "the server under --cpus=1 does not run 1 torch thread"; }
-ok "$(docker logs "$NAME" 2>&1 | grep -o "elgs-compute-$MODEL: 1 torch thread (.*)")"
+ok "healthy $((SECONDS - run_started)) s after docker run (health checks every 10 s); uid $(docker exec "$NAME" id -u)"
+docker logs "$NAME" > "$WORK/server.log" 2>&1
+grep -q "elgs-compute-$MODEL: 1 torch thread (" "$WORK/server.log" \
+  || { grep -i "torch thread" "$WORK/server.log" >&2; fail "the server under --cpus=1 does not run 1 torch thread"; }
+ok "server log: $(grep -o "elgs-compute-$MODEL: 1 torch thread (.*)" "$WORK/server.log")"
 
 step "POST /defend/slgs on the sample photo"
 defend_once "$PORT"
@@ -140,7 +143,8 @@ done
 [ "$exit_code" = 0 ] || { docker logs --tail 20 "$NAME" >&2; fail "the server exited $exit_code on docker stop"; }
 [ "$lost" = 0 ] || fail "$lost of $IN_FLIGHT requests lost during the stop"
 ok "$running of $IN_FLIGHT in flight (queue depth $queued) at SIGTERM; stopped in $stop_seconds s, exit 0, all $IN_FLIGHT answered 200"
-docker logs "$NAME" 2>&1 | grep -E "Shutting down|Waiting for|Finished server process" | sed 's/^/    log: /'
+docker logs "$NAME" > "$WORK/server.log" 2>&1
+grep -E "Shutting down|Waiting for|Finished server process" "$WORK/server.log" | sed 's/^/    log: /' || true
 docker rm "$NAME" >/dev/null
 
 step "compose (CPU variant): ${COMPOSE[*]} up -d, healthy, /defend/slgs, down"
