@@ -1,8 +1,9 @@
-"""The Dockerfile and docker-compose.yml hold what DESIGN and the deployment docs promise.
+"""The Dockerfile and the compose files hold what DESIGN and the deployment docs promise.
 
-No Docker engine runs in CI: these tests parse the files, compare them with the installed torch and
-the service's settings, lint the Dockerfile with hadolint and validate the compose file with
-``docker-compose config`` when those tools are installed.
+These tests parse the files, compare them with the installed torch and the service's settings, lint the
+Dockerfile with hadolint and validate the compose files with ``docker-compose config`` when those tools
+are installed. Building and running the image is ``scripts/docker-smoke.sh`` (CI runs it when a Docker
+engine answers).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from elgs.models import MODELS
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -63,9 +65,10 @@ PYPI_TORCH_CUDA = {"2.14": "13.0"}
 
 
 def test_base_image_matches_the_torch_cuda_build():
+    """CUDA's `-base` flavour: torch's wheels bring the CUDA libraries that `-runtime` would ship a second time."""
     args = build_args()
-    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(?:cudnn-)?runtime-ubuntu[\d.]+", args["CUDA_IMAGE"])
-    assert match, f"expected an nvidia/cuda *-runtime-ubuntu* base, got {args['CUDA_IMAGE']}"
+    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-ubuntu[\d.]+", args["CUDA_IMAGE"])
+    assert match, f"expected an nvidia/cuda *-base-ubuntu* base, got {args['CUDA_IMAGE']}"
     minor = ".".join(args["TORCH_VERSION"].split(".")[:2])
     assert minor in PYPI_TORCH_CUDA, f"add the CUDA version of PyPI's torch {minor} wheels to PYPI_TORCH_CUDA"
     assert f"{match[1]}.{match[2]}" == PYPI_TORCH_CUDA[minor]
@@ -127,11 +130,60 @@ def test_the_image_is_the_lean_runtime_unless_extras_are_asked_for():
 
 
 def test_dockerignore_keeps_the_context_small():
-    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
-    assert lines[lines.index("**")] == "**"  # everything excluded first, then what the build copies
-    assert {"!pyproject.toml", "!README.md", "!service/"} <= set(lines)
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.strip().startswith("#")]
+    assert patterns[0] == "**"  # everything excluded first, then what the build copies is let back in
     copied = [arguments.split()[0] for keyword, arguments in dockerfile_instructions() if keyword == "COPY"]
-    assert copied == ["pyproject.toml", "service"]
+    assert copied == ["pyproject.toml", "README.md", "service"]
+    allowed = {pattern[1:].rstrip("/") for pattern in patterns if pattern.startswith("!")}
+    assert allowed == set(copied), "the context should hold exactly what the Dockerfile copies"
+
+
+def test_build_args_come_after_the_torch_layer():
+    """--build-arg EXTRAS=... or FETCH_WEIGHTS=... must not invalidate the apt and torch layers' cache: the
+    classic builder keys every RUN after an ARG declaration on its value."""
+    instructions = dockerfile_instructions()
+    (torch_layer,) = [index for index, (keyword, arguments) in enumerate(instructions)
+                      if keyword == "RUN" and 'pip install "torch==' in arguments]
+    declared = {arguments.split("=")[0]: index for index, (keyword, arguments) in enumerate(instructions)
+                if keyword == "ARG"}
+    assert set(declared) == {"CUDA_IMAGE", "TORCH_VERSION", "TORCHVISION_VERSION", "EXTRAS", "FETCH_WEIGHTS"}
+    assert declared["TORCH_VERSION"] < torch_layer and declared["TORCHVISION_VERSION"] < torch_layer
+    for name in ("EXTRAS", "FETCH_WEIGHTS"):
+        later = instructions[declared[name] + 1:]
+        first_use = next(index for index, (keyword, arguments) in enumerate(later) if f"${name}" in arguments)
+        assert declared[name] > torch_layer
+        # Only COPYs between the declaration and its use: nothing else is rebuilt for another value.
+        assert all(keyword == "COPY" for keyword, _ in later[:first_use]), f"{name} declared too early"
+    dependencies = next(index for index, (keyword, arguments) in enumerate(instructions)
+                        if keyword == "RUN" and "pip install -r" in arguments)
+    assert torch_layer < dependencies < declared["EXTRAS"] < declared["FETCH_WEIGHTS"]
+
+
+def test_no_syntax_directive_that_makes_buildkit_pull():
+    """`# syntax=docker/dockerfile:1` makes BuildKit pull the frontend image even for an offline build."""
+    assert not any(re.match(r"#\s*syntax\s*=", line, re.IGNORECASE) for line in DOCKERFILE.read_text().splitlines())
+
+
+def test_home_is_writable_for_any_user():
+    """`docker run --user <uid>` keeps the image's HOME; a world-writable (sticky) one serves matplotlib's and
+    elgs's config folders for any uid instead of HOME=/."""
+    home = image_env()["HOME"]
+    assert home and home != "/"
+    assert any(keyword == "RUN" and f"chmod 1777 {home}" in arguments for keyword, arguments in dockerfile_instructions())
+
+
+def test_stop_signal_and_grace_cover_the_request_timeout(compose, gpu_compose, monkeypatch):
+    for name in [name for name in os.environ if name.startswith("ELGS_")]:
+        monkeypatch.delenv(name)
+    assert ("STOPSIGNAL", "SIGTERM") in dockerfile_instructions()
+    timeout = Settings(_env_file=None).request_timeout_s
+    service = compose["services"]["elgs"]
+    assert float(_env_default(service["environment"]["ELGS_REQUEST_TIMEOUT_S"])) == timeout
+    grace = service["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > timeout + 10
+    assert "stop_grace_period" not in gpu_compose["services"]["elgs"]  # the GPU variant inherits it
+    assert f"--stop-timeout {grace[:-1]}" in DOCKERFILE.read_text()  # the docker run line says it too
 
 
 @pytest.fixture(scope="module")
@@ -140,18 +192,40 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+@pytest.fixture(scope="module")
+def gpu_compose() -> dict:
+    yaml = pytest.importorskip("yaml")
+    return yaml.safe_load(COMPOSE_GPU.read_text())
+
+
 def _env_default(value: str) -> str:
     """``${NAME:-default}`` -> ``default``; a literal stays as it is."""
     match = re.fullmatch(r"\$\{\w+:-(.*)\}", str(value))
     return match[1] if match else str(value)
 
 
-def test_compose_reserves_a_gpu_and_publishes_the_port(compose):
-    service = compose["services"]["elgs"]
-    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert "8000:8000" in service["ports"]
+def test_compose_runs_on_a_cpu_host_and_the_gpu_file_adds_the_gpu(compose, gpu_compose):
+    """No device reservation in the base file (an override cannot remove one, and a CPU host cannot start it)."""
+    service, gpu = compose["services"]["elgs"], gpu_compose["services"]["elgs"]
+    assert "deploy" not in service
+    assert _env_default(service["environment"]["ELGS_DEVICE"]) == "cpu"
+    assert int(_env_default(service["environment"]["ELGS_MAX_BATCH_SIZE"])) == 4
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] == 1
+    assert _env_default(gpu["environment"]["ELGS_DEVICE"]) == "cuda"
+    assert int(_env_default(gpu["environment"]["ELGS_MAX_BATCH_SIZE"])) == 32
+    assert set(gpu) == {"environment", "deploy"}  # everything else comes from the base file
+    assert set(gpu_compose["services"]) == {"elgs"}
+    assert service["ports"] == ["${ELGS_HOST_PORT:-8000}:8000"]
     assert service["healthcheck"]["test"][0] == "CMD" and "/health/ready" in " ".join(service["healthcheck"]["test"])
+
+
+def test_compose_builds_with_the_dockerfile_defaults(compose):
+    args = compose["services"]["elgs"]["build"]["args"]
+    defaults = build_args()
+    assert _env_default(args["CUDA_IMAGE"]) == defaults["CUDA_IMAGE"]
+    assert _env_default(args["FETCH_WEIGHTS"]) == defaults["FETCH_WEIGHTS"]
+    assert _env_default(args["EXTRAS"]) == defaults["EXTRAS"].strip('"')
 
 
 def test_compose_keeps_torch_home_in_a_named_volume(compose):
@@ -179,10 +253,10 @@ def test_compose_settings_are_the_service_settings_with_their_defaults(compose, 
         default, expected = _env_default(environment[name]), getattr(defaults, field)
         if field == "models":
             assert default.split(",") == expected
-        elif field == "max_batch_size":  # the service's default depends on the device; compose reserves a GPU
-            assert expected is None and int(default) == 32
+        elif field == "max_batch_size":  # the service's default depends on the device: 4 on the CPU
+            assert expected is None and int(default) == 4
         elif field == "device":
-            assert default == "cuda"
+            assert default == "cpu"
         elif field == "api_key":
             assert default == "" and expected is None
         else:
@@ -190,19 +264,6 @@ def test_compose_settings_are_the_service_settings_with_their_defaults(compose, 
     for field in ("max_batch_size", "max_wait_ms", "max_queue", "request_timeout_s", "max_upload_mb", "max_pixels",
                   "api_key", "models", "device"):
         assert f"ELGS_{field.upper()}" in environment, f"ELGS_{field.upper()} missing from the compose file"
-
-
-def test_commented_cpu_variant_is_valid_and_has_no_gpu(compose):
-    yaml = pytest.importorskip("yaml")
-    text = COMPOSE.read_text()
-    commented = text.split("# CPU-only variant", 1)[1].splitlines()[1:]
-    block = "\n".join(line.removeprefix("#") for line in commented if line.startswith("#  "))
-    variant = yaml.safe_load(block)["elgs"]
-    assert "deploy" not in variant
-    assert variant["environment"]["ELGS_DEVICE"] == "cpu"
-    assert int(_env_default(variant["environment"]["ELGS_MAX_BATCH_SIZE"])) == 4
-    gpu_service = compose["services"]["elgs"]
-    assert variant["volumes"] == gpu_service["volumes"] and variant["ports"] == gpu_service["ports"]
 
 
 def _tool(name: str) -> str | None:
@@ -216,10 +277,14 @@ def test_hadolint_passes():
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed (apt docker-compose)")
-def test_docker_compose_config_is_valid():
-    result = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                            timeout=60, cwd=ROOT)
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE_GPU]], ids=["cpu", "gpu"])
+def test_docker_compose_config_is_valid(files):
+    command = ["docker-compose", *[argument for path in files for argument in ("-f", str(path))], "config"]
+    env = {name: value for name, value in os.environ.items() if not name.startswith("ELGS_")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
+    assert ("driver: nvidia" in result.stdout) == (COMPOSE_GPU in files)
+    assert ("ELGS_DEVICE: cuda" in result.stdout) == (COMPOSE_GPU in files)
 
 
 def test_the_installed_package_carries_the_web_page(tmp_path):

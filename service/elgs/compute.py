@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -24,30 +26,101 @@ logger = logging.getLogger(__name__)
 COMPUTE_THREAD_PREFIX = "elgs-compute"
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+
+
 def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where unknown)."""
+    """The CPU cores this process may use: its affinity mask (``os.cpu_count()`` where unknown), capped by
+    a cgroup CPU quota (``docker run --cpus``, a Kubernetes CPU limit) rounded down, at least 1.
+
+    Rounded down because OpenMP threads beyond the quota are throttled in the middle of a parallel
+    region and the whole team waits for them (``--cpus=1.5`` runs 1 thread, not 2).
+    """
+    quota = cgroup_cpu_quota()
+    return _affinity_cores() if quota is None else min(_affinity_cores(), max(1, math.floor(quota)))
+
+
+def describe_cores() -> str:
+    """Where :func:`available_cores` comes from, for the log: ``"2 cores, cgroup CPU quota 1.00"``."""
+    quota = cgroup_cpu_quota()
+    return f"{_affinity_cores()} cores, " + ("no cgroup CPU quota" if quota is None else f"cgroup CPU quota {quota:.2f}")
+
+
+def _affinity_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
 
 
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP) -> float | None:
+    """The CPU quota of this process's cgroup in cores (``docker run --cpus=1.5``: 1.5), None without one.
+
+    Reads cgroup v2's ``cpu.max`` (``"150000 100000"``; ``"max 100000"`` is no quota) or v1's
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (a quota of -1 is none) in the process's cgroup (from
+    ``proc_cgroup``), each of its parents, and the mount point itself, which inside a container is the
+    container's own cgroup. The smallest quota found wins; unreadable or malformed files count as none.
+    """
+    quotas = [quota for directory in _cgroup_dirs(root, proc_cgroup) if (quota := _cpu_quota_in(directory))]
+    return min(quotas) if quotas else None
+
+
+def _cgroup_dirs(root: Path, proc_cgroup: Path) -> list[Path]:
+    """The cgroup directories that may hold this process's CPU quota, under v2's and v1's mount points."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    paths = []
+    for line in lines:  # "0::/user.slice/x.scope" (v2), "4:cpu,cpuacct:/docker/ID" (v1)
+        fields = line.split(":", 2)
+        if len(fields) == 3 and (fields[1] == "" or "cpu" in fields[1].split(",")):
+            path = PurePosixPath(fields[2])
+            paths += [part.relative_to("/") for part in (path, *path.parents) if part.is_absolute()]
+    mounts = (root, root / "cpu", root / "cpu,cpuacct")
+    return list(dict.fromkeys(mount / path for mount in mounts for path in (*paths, PurePosixPath("."))))
+
+
+def _cpu_quota_in(directory: Path) -> float | None:
+    """The quota in cores of one cgroup directory (v2 ``cpu.max`` first, then v1), None without one."""
+    try:
+        quota, period = ((directory / "cpu.max").read_text().split() + ["100000"])[:2]
+        return None if quota == "max" else _positive_ratio(int(quota), int(period))
+    except (OSError, ValueError):
+        pass
+    try:
+        return _positive_ratio(int((directory / "cpu.cfs_quota_us").read_text()),
+                               int((directory / "cpu.cfs_period_us").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _positive_ratio(quota: int, period: int) -> float | None:
+    return quota / period if quota > 0 and period > 0 else None
+
+
 def torch_threads(threads: int | None = None) -> int:
     """The intra-op thread count to use: ``threads``, else the ``torch_threads`` setting
-    (``$ELGS_TORCH_THREADS``, read by :class:`elgs.settings.Settings`), else the available cores.
+    (``$ELGS_TORCH_THREADS``, read by :class:`elgs.settings.Settings`), else :func:`available_cores`
+    (the affinity mask capped by a cgroup CPU quota).
 
     Raises:
         ValueError: the value is not a positive integer.
     """
     if threads is None:
-        from elgs.settings import read_settings
-
-        threads = read_settings().torch_threads
+        threads = _threads_setting()
         if threads is None:
             return available_cores()
     if threads < 1:
         raise ValueError(f"torch threads must be >= 1, got {threads}")
     return threads
+
+
+def _threads_setting() -> int | None:
+    from elgs.settings import read_settings
+
+    return read_settings().torch_threads
 
 
 def set_torch_threads(threads: int | None = None) -> int:
@@ -167,6 +240,8 @@ class ComputeThread:
     def __init__(self, name: str, threads: int | None = None) -> None:
         self.name = f"{COMPUTE_THREAD_PREFIX}-{name}"
         self.threads = torch_threads(threads)
+        source = describe_cores() if threads is None and _threads_setting() is None else "set by ELGS_TORCH_THREADS"
+        logger.info("%s: %d torch thread%s (%s)", self.name, self.threads, "" if self.threads == 1 else "s", source)
         tune_allocator()  # before the thread's first allocation
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name,
                                             initializer=set_torch_threads, initargs=(self.threads,))

@@ -159,24 +159,31 @@ def compose() -> dict:
     return yaml.safe_load((RAY_DIR / "docker-compose.yml").read_text())
 
 
-def test_compose_runs_a_head_and_gpu_workers_from_the_image_with_the_extra(compose):
+def test_compose_runs_a_head_and_workers_from_the_image_with_the_extra(compose):
+    """The base file runs on a CPU host (no GPU reservation); docker-compose.gpu.yml adds one GPU per worker."""
     head, worker = compose["services"]["ray-head"], compose["services"]["ray-worker"]
     assert head["build"]["args"]["EXTRAS"] == "ray" and head["image"] == worker["image"]
     assert (RAY_DIR / head["build"]["context"]).resolve() == ROOT
     assert 'ARG EXTRAS=""' in (ROOT / "Dockerfile").read_text()
     assert "elgs serve --ray --ray-address auto --host 0.0.0.0 --port 8000" in " ".join(head["command"].split())
-    assert "8000:8000" in head["ports"]
-    assert "--address=ray-head:6379" in worker["command"]
-    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any(port.endswith(":8000") for port in head["ports"])
+    assert "--address=ray-head:6379" in " ".join(worker["command"])
+    assert "deploy" not in worker and "deploy" not in head
+    gpu = yaml.safe_load((RAY_DIR / "docker-compose.gpu.yml").read_text())["services"]
+    (device,) = gpu["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"] and device["count"] == 1
+    assert gpu["ray-worker"]["environment"]["RAY_WORKER_GPUS"] == "1"
+    assert gpu["ray-head"]["environment"]["ELGS_RAY_NUM_GPUS"] == "${ELGS_RAY_NUM_GPUS:-1}"
     for service in (head, worker):
         assert service["environment"]["RAY_AUTH_MODE"] == "token"
+        assert service["stop_grace_period"] == "45s"
 
 
 def test_docker_compose_config_is_valid():
-    """docker-compose itself accepts the file (skipped without it, failed under CI, which installs it)."""
+    """docker-compose itself accepts the CPU file with the GPU override (skipped without it, failed under CI)."""
     docker_compose = require_program("docker-compose", install="apt-get install docker-compose")
-    command = [docker_compose, "-f", str(RAY_DIR / "docker-compose.yml"), "config", "-q"]
+    command = [docker_compose, "-f", str(RAY_DIR / "docker-compose.yml"), "-f", str(RAY_DIR / "docker-compose.gpu.yml"),
+               "config", "-q"]
     env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_TOKEN"}
     done = subprocess.run(command, env={**env, "RAY_AUTH_TOKEN": "secret"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
