@@ -61,6 +61,8 @@ INGRESS_NAME = "ingress"
 REPLICA_HEADER = "X-Elgs-Replica"
 REPLICAS_HEADER = "X-Elgs-Replicas"
 STATUS_POLL_S = 1.0
+# Requests in a model replica's warm-up batch (elgs.api.state.warmup_batch_sizes, uncompiled).
+WARMUP_BATCH = 2
 # Errors raised where the model replica went away (killed, crashed, drained): the request is sent again.
 RETRIED_ERRORS = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError)
 
@@ -391,11 +393,14 @@ class RemoteRuntime:
 
     @classmethod
     def from_info(cls, info: Mapping[str, Any], handle: DeploymentHandle, settings: Settings,
-                  **callbacks: Callable[..., None]) -> RemoteRuntime:
+                  ingress_replicas: int = 1, **callbacks: Callable[..., None]) -> RemoteRuntime:
         """The runtime of the model a replica described in ``info`` (:meth:`ModelReplica.info`)."""
         name = info["name"]
-        gate = DeploymentGate(name, max_ongoing_requests=info.get("max_ongoing_requests", 2 * info["max_batch_size"]),
-                              max_queue=settings.max_queue, seconds_per_request=info.get("batch_seconds", 1.0),
+        ongoing = info.get("max_ongoing_requests", 2 * info["max_batch_size"])
+        # The warm-up batch's time shared by its requests: the first estimate, until answers measure it.
+        per_request = info.get("batch_seconds", 1.0) / min(WARMUP_BATCH, info["max_batch_size"])
+        gate = DeploymentGate(name, max_ongoing_requests=max(1, math.ceil(ongoing / ingress_replicas)),
+                              max_queue=settings.max_queue, seconds_per_request=per_request,
                               request_timeout_s=settings.request_timeout_s, startup_s=info.get("startup_s", 30.0))
         batcher = RemoteBatcher(handle, name, max_batch_size=info["max_batch_size"], max_queue=settings.max_queue,
                                 request_timeout_s=settings.request_timeout_s, gate=gate, **callbacks)
@@ -417,15 +422,16 @@ class RayServiceState(RuntimeLookup[RemoteRuntime]):
 
     @classmethod
     async def connect(cls, settings: Settings, metrics: ServiceMetrics, handles: Mapping[str, DeploymentHandle],
-                      app_name: str = APP_NAME) -> RayServiceState:
-        """Ask each model deployment for its model's description (waits for a first replica) and start polling."""
+                      app_name: str = APP_NAME, ingress_replicas: int = 1) -> RayServiceState:
+        """Ask each model deployment for its model's description (waits for a first replica) and start polling;
+        each of ``ingress_replicas`` ingress replicas sends its share of what the model replicas take at once."""
         state = cls(settings=settings, metrics=metrics, app_name=app_name)
         retries = Counter("elgs_replica_retries", "requests sent again because their model replica died or left",
                           ["model"], registry=metrics.registry)
         for name in settings.models:
             info = await handles[name].info.remote()
             state.runtimes[name] = RemoteRuntime.from_info(
-                info, handles[name], settings, on_retry=lambda model: retries.labels(model).inc(),
+                info, handles[name], settings, ingress_replicas, on_retry=lambda model: retries.labels(model).inc(),
                 on_replica_lost=state._poll_now.set)
         state._poll = asyncio.get_running_loop().create_task(state._poll_status(), name="elgs-ray-status")
         return state
@@ -506,11 +512,13 @@ class ReplicaHeaderMiddleware:
             _answering_replica.reset(token)
 
 
-def create_ray_app(settings: Settings, handles: Mapping[str, DeploymentHandle], app_name: str = APP_NAME) -> FastAPI:
-    """The ingress app: :func:`elgs.api.create_app` with the model deployments behind its routers."""
+def create_ray_app(settings: Settings, handles: Mapping[str, DeploymentHandle], app_name: str = APP_NAME,
+                   ingress_replicas: int = 1) -> FastAPI:
+    """The ingress app: :func:`elgs.api.create_app` with the model deployments behind its routers
+    (``ingress_replicas``: how many ingress replicas share the model replicas' capacity)."""
 
     async def connect(settings: Settings, metrics: ServiceMetrics) -> RayServiceState:
-        return await RayServiceState.connect(settings, metrics, handles, app_name)
+        return await RayServiceState.connect(settings, metrics, handles, app_name, ingress_replicas)
 
     app = create_app(settings, service_factory=connect)
     app.add_middleware(ReplicaHeaderMiddleware)
@@ -521,14 +529,15 @@ def create_ray_app(settings: Settings, handles: Mapping[str, DeploymentHandle], 
 class Ingress:
     """The ingress deployment (HTTP, decode, encode); ``models`` maps each model to its deployment's handle."""
 
-    def __init__(self, settings: Settings, models: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, settings: Settings, models: dict[str, DeploymentHandle], ingress_replicas: int = 1) -> None:
         self.settings = settings
         self.models = models
+        self.ingress_replicas = ingress_replicas
         # The name `serve run`, `serve deploy` or elgs serve --ray gave the application (for serve.status()).
         self.app_name = serve.get_replica_context().app_name
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_ray_app(self.settings, self.models, self.app_name)
+        return create_ray_app(self.settings, self.models, self.app_name, self.ingress_replicas)
 
 
 # Building and running ------------------------------------------------------------------------------
@@ -586,7 +595,7 @@ def build_application(settings: Settings, options: RayOptions = RayOptions()) ->
         Ingress, name=INGRESS_NAME, num_replicas=options.ingress_replicas,
         ray_actor_options={"num_cpus": options.ingress_num_cpus, "num_gpus": 0},
         max_ongoing_requests=max(64, 2 * settings.max_queue))
-    return ingress.bind(settings, handles)
+    return ingress.bind(settings, handles, options.ingress_replicas)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
