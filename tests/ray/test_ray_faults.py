@@ -75,7 +75,7 @@ async def _at_once(url: str, count: int, method: str, path: str, **kwargs) -> li
 
 
 def test_a_flood_gets_answers_and_fast_refusals_never_a_timeout(ray_url):
-    """200 at once: 200s and 503s only; the 503s come about as fast as the proxy answers a probe."""
+    """200 at once: 200s and 503s only; a 503 costs about what the proxy's round trip costs, not the deadline."""
     probes = asyncio.run(_at_once(ray_url, 200, "GET", "/health/live"))
     files = {"image": ("cat.png", photo_png("chelsea", 64), "image/png")}
     flood = asyncio.run(_at_once(ray_url, 200, "POST", "/defend/slgs", params={"saliency": "gradient"}, files=files))
@@ -90,7 +90,10 @@ def test_a_flood_gets_answers_and_fast_refusals_never_a_timeout(ray_url):
     assert statuses.count(200) >= 1
     for response, _ in refused:
         assert int(response.headers["Retry-After"]) >= 1 and response.json()["detail"]
-    assert refused_median <= probe_median + 1.0
+    # Before issue 18 none was refused: 98 of 200 waited in Ray's queue for the whole deadline (504). A refusal
+    # costs about the round trip through Ray's proxy (the probes, sent alone; the refusals share the machine
+    # with the decoding and the model): on a 2-core machine shared with other work, 2.6 s and 3.6 s median.
+    assert refused_median <= min(2 * probe_median + 1.0, TIMEOUT_S / 2)
     assert max(answered) < TIMEOUT_S + 1
 
 

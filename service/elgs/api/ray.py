@@ -15,10 +15,13 @@ Two kinds of deployment:
   keeps the deadlines, drop-before-compute, OOM splitting and per-request failures that Ray's
   ``@serve.batch`` lacks). It answers only after warm-up, so a running replica is a ready one.
 
-The ingress retries a request whose model replica died on another replica until its deadline (504);
-Ray's ``max_queued_requests`` turns into the same 503 with ``Retry-After`` as a full batcher queue. Every
-computed answer carries ``X-Elgs-Replica: <host>:<pid>`` of the model replica, and ``/health/ready``
-carries ``X-Elgs-Replicas: <model>=<running>/<target>,...``.
+The ingress admits and queues requests itself (:mod:`elgs.api.ray_gate`, issue 18): at most what the running
+replicas take at once is at Ray, and a request whose answer would come after its deadline, or that finds no
+replica running, gets 503 with ``Retry-After`` at once instead of a 504 after waiting in Ray's queue. A request
+whose model replica died goes to another replica (at most :data:`MAX_RESENDS` times); with none left it gets
+503 as soon as ``serve.status()`` (asked at once) shows it. Ray's ``max_queued_requests`` turns into the same
+503. Every computed answer carries ``X-Elgs-Replica: <host>:<pid>`` of the model replica, and
+``/health/ready`` carries ``X-Elgs-Replicas: <model>=<running>/<target>,...``.
 """
 
 from __future__ import annotations
