@@ -97,15 +97,6 @@ def test_a_flood_gets_answers_and_fast_refusals_never_a_timeout(ray_url):
     assert max(answered) < TIMEOUT_S + 1
 
 
-def _ingress_pid() -> int:
-    import psutil
-
-    for process in psutil.process_iter(["cmdline"]):
-        if any(f"ServeReplica:{APP_NAME}:ingress" in part for part in process.info["cmdline"] or []):
-            return process.pid
-    raise AssertionError("no ingress replica process")
-
-
 def test_killing_the_only_replica_costs_a_request_seconds_not_its_deadline(ray_url):
     """40 requests, the replica SIGKILLed after the first answer: each request ends within a few seconds of
     the kill (answered, or 503 with Retry-After), readiness turns 503, and new requests get a fast 503."""

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 from fastapi import FastAPI
 from prometheus_client import Counter
 from ray import serve
@@ -50,11 +51,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from elgs.api.app import create_app
-from elgs.api.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, ServiceMetrics
+from elgs.api.metrics import BATCHER_METRICS, BatcherMetricHooks, ServiceMetrics
 from elgs.api.ray_gate import DeploymentGate, GateTicket
-from elgs.api.settings import CPU_MAX_BATCH_SIZE, CUDA_MAX_BATCH_SIZE, Settings
+from elgs.api.settings import Settings
 from elgs.api.state import RuntimeLookup, ServiceState
-from elgs.batcher import BatcherClosedError, BatcherHooks, DeadlineExceededError, QueueFullError
+from elgs.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
 from elgs.engine import InvalidParameterError, Request, Result, UnknownMethodError
 
 logger = logging.getLogger("elgs.api")
@@ -81,41 +82,28 @@ def replica_id() -> str:
 
 # Model replicas ------------------------------------------------------------------------------------
 
-class RayBatcherMetrics(BatcherHooks):
-    """The batcher's metrics under their ``/metrics`` names, exported through Ray's metrics agent
+class RayBatcherMetrics(BatcherMetricHooks):
+    """The batcher's metrics of :data:`~elgs.api.metrics.BATCHER_METRICS`, exported through Ray's metrics agent
     (Prometheus names get Ray's ``ray_`` prefix and the ``deployment``, ``replica`` and ``application`` tags)."""
 
     def __init__(self) -> None:
         from ray.serve import metrics
 
-        self.queue_wait_seconds = metrics.Histogram(
-            "elgs_queue_wait_seconds", "time a request waited in its model's queue", boundaries=list(LATENCY_BUCKETS),
-            tag_keys=("model",))
-        self.batch_size = metrics.Histogram(
-            "elgs_batch_size", "requests per batch", boundaries=list(BATCH_BUCKETS), tag_keys=("model",))
-        self.queue_depth_gauge = metrics.Gauge(
-            "elgs_queue_depth", "requests waiting in the model replica's queue", tag_keys=("model",))
-        self.model_pass_seconds = metrics.Histogram(
-            "elgs_model_pass_seconds", "engine time of one batch (both passes and the defence)",
-            boundaries=list(LATENCY_BUCKETS), tag_keys=("model",))
-        self.dropped_requests = metrics.Counter(
-            "elgs_dropped_requests", "queued requests dropped before compute (client gone or deadline passed)",
-            tag_keys=("model", "reason"))
+        kinds = {"histogram": metrics.Histogram, "gauge": metrics.Gauge, "counter": metrics.Counter}
+        self.metrics = {
+            hook: kinds[spec.kind](spec.name, spec.description, tag_keys=spec.labels,
+                                   **({"boundaries": list(spec.buckets)} if spec.kind == "histogram" else {}))
+            for hook, spec in BATCHER_METRICS.items()}
 
-    def queue_wait(self, model: str, seconds: float) -> None:
-        self.queue_wait_seconds.observe(seconds, tags={"model": model})
-
-    def batch(self, model: str, size: int) -> None:
-        self.batch_size.observe(size, tags={"model": model})
-
-    def queue_depth(self, model: str, depth: int) -> None:
-        self.queue_depth_gauge.set(depth, tags={"model": model})
-
-    def model_pass(self, model: str, seconds: float, size: int) -> None:
-        self.model_pass_seconds.observe(seconds, tags={"model": model})
-
-    def dropped(self, model: str, reason: str) -> None:
-        self.dropped_requests.inc(tags={"model": model, "reason": reason})
+    def record(self, hook: str, value: float, labels: tuple[str, ...]) -> None:
+        spec, metric = BATCHER_METRICS[hook], self.metrics[hook]
+        tags = dict(zip(spec.labels, labels, strict=True))
+        if spec.kind == "histogram":
+            metric.observe(value, tags=tags)
+        elif spec.kind == "gauge":
+            metric.set(value, tags=tags)
+        else:
+            metric.inc(value, tags=tags)
 
 
 # Errors a model replica returns as values: a user exception raised in a replica reaches the caller
@@ -584,8 +572,8 @@ def build_application(settings: Settings, options: RayOptions = RayOptions()) ->
         settings = settings.model_copy(update={"torch_threads": max(1, int(options.model_num_cpus))})
     handles = {}
     for name in settings.models:
-        # The batch size each replica will use (Settings.batch_size_for on its device).
-        batch = settings.max_batch_size or (CPU_MAX_BATCH_SIZE if options.model_num_gpus == 0 else CUDA_MAX_BATCH_SIZE)
+        # The batch size each replica will use: Settings.batch_size_for its device, as in elgs serve.
+        batch = settings.batch_size_for(torch.device("cuda" if options.model_num_gpus > 0 else "cpu"))
         max_ongoing = options.max_ongoing_requests or 2 * batch
         deployment = serve.deployment(
             ModelReplica, name=model_deployment_name(name), num_replicas=options.replicas,
