@@ -155,7 +155,21 @@ class ModelReplica:
         self.settings = settings.model_copy(update={"models": [model]})
         self.replica = replica_id()
         loaded, threads = await load_models_placed(self.settings)
-        self.service = ServiceState.build(self.settings, loaded, RayBatcherMetrics(), threads)  # type: ignore[arg-type]
+        service = ServiceState.build(self.settings, loaded, RayBatcherMetrics(), threads)  # type: ignore[arg-type]
+        await self._serve(service, model, max_ongoing_requests, started)
+
+    @classmethod
+    async def around(cls, service: ServiceState, model: str, max_ongoing_requests: int | None = None) -> ModelReplica:
+        """A replica of ``model`` around a built (not started) local ``service``, outside Ray: what the shared
+        backend tests put behind a stand-in deployment handle."""
+        replica = cls.__new__(cls)
+        replica.settings, replica.replica = service.settings, replica_id()
+        await replica._serve(service, model, max_ongoing_requests, time.monotonic())
+        return replica
+
+    async def _serve(self, service: ServiceState, model: str, max_ongoing_requests: int | None,
+                     started: float) -> None:
+        self.service = service
         await self.service.start(warmup=self.settings.warmup)
         await self.service.warmed_up()  # a replica is reported running only once it can answer
         self.runtime = self.service.runtimes[model]
