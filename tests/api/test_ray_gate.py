@@ -109,3 +109,13 @@ async def test_losing_the_last_replica_refuses_at_once_with_the_time_a_replaceme
     assert gate.replacement_s == pytest.approx(15, abs=0.5)
     assert not gate.lost().done()
     gate.admit(_in(60))
+
+
+async def test_a_request_still_waiting_at_its_deadline_gets_503_and_gives_its_place_back():
+    gate = _gate(seconds_per_request=0.001, max_ongoing_requests=1)
+    stuck = gate.admit(_in(60))
+    await gate.acquire(stuck)  # its replica never answers
+    waiting = gate.admit(_in(0.2))
+    with pytest.raises(QueueFullError, match="took the request before its deadline"):
+        await gate.acquire(waiting)
+    assert waiting.released and gate.ahead == 1 and not gate.waiting

@@ -167,7 +167,12 @@ class DeploymentGate:
         self.waiting.append(ticket)
         self._shed()
         try:
-            await ticket.future
+            # shield: a timeout must not cancel a future _wake may just have resolved (the place would leak)
+            await asyncio.wait_for(asyncio.shield(ticket.future), max(0.0, ticket.deadline - time.monotonic()))
+        except TimeoutError:  # no place freed before the deadline (replicas stuck): never sent, so 503
+            self._leave(ticket)
+            raise QueueFullError(self.model, self.max_queue, self._retry_after(self.ahead), reason=(
+                f"no replica of model {self.model!r} took the request before its deadline")) from None
         except BaseException:
             self._leave(ticket)
             raise
