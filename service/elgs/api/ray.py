@@ -151,7 +151,8 @@ class ModelReplica:
     async def __init__(self, settings: Settings, model: str, max_ongoing_requests: int | None = None) -> None:
         from elgs.api.state import load_models_placed
 
-        started = time.monotonic()
+        # A replacement's Retry-After counts the whole start: the process and its imports too, not only the load.
+        started = time.monotonic() - _process_age_s()
         self.settings = settings.model_copy(update={"models": [model]})
         self.replica = replica_id()
         loaded, threads = await load_models_placed(self.settings)
@@ -208,6 +209,16 @@ class ModelReplica:
 
     async def __del__(self) -> None:
         await self.service.close()
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (0 where unknown)."""
+    try:
+        import psutil  # Ray's own copy in a Ray worker
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - an estimate for Retry-After only
+        return 0.0
 
 
 # Ingress -------------------------------------------------------------------------------------------
