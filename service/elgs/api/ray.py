@@ -606,12 +606,12 @@ def build_application(settings: Settings, options: RayOptions = RayOptions()) ->
             max_ongoing_requests=max_ongoing,
             max_queued_requests=settings.max_queue, health_check_period_s=2, health_check_timeout_s=30,
             graceful_shutdown_timeout_s=settings.request_timeout_s)
-        handles[name] = deployment.bind(settings, name, max_ongoing)
+        handles[name] = deployment.bind(settings, name, max_ongoing_requests=max_ongoing)
     ingress = serve.deployment(
         Ingress, name=INGRESS_NAME, num_replicas=options.ingress_replicas,
         ray_actor_options={"num_cpus": options.ingress_num_cpus, "num_gpus": 0},
         max_ongoing_requests=max(64, 2 * settings.max_queue))
-    return ingress.bind(settings, handles, options.ingress_replicas)
+    return ingress.bind(settings, handles, ingress_replicas=options.ingress_replicas)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
