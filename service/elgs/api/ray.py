@@ -119,8 +119,9 @@ def error_outcome(error: Exception) -> dict[str, Any]:
     kind = next((kind for cls, kind in _ERROR_KINDS.items() if isinstance(error, cls)), "internal")
     message = str(error) if kind != "internal" else f"{type(error).__name__}: {error}"
     outcome = {"error": kind, "message": message}
-    if isinstance(error, QueueFullError):
-        outcome.update(model=error.model, retry_after_s=error.retry_after_s)
+    if isinstance(error, QueueFullError):  # its constructor's arguments: the reason without "; retry in N s"
+        reason = message.removesuffix(f"; retry in {error.retry_after_s} s")
+        outcome.update(model=error.model, retry_after_s=error.retry_after_s, reason=reason)
     return outcome
 
 
@@ -128,9 +129,7 @@ def raise_outcome_error(outcome: Mapping[str, Any]) -> None:
     """Raise the ingress-side exception for an error outcome (the app's handlers map it to its status)."""
     kind, message = outcome["error"], outcome["message"]
     if kind == "queue_full":
-        error = QueueFullError(outcome["model"], 0, outcome["retry_after_s"])
-        error.args = (message,)  # the replica's own wording
-        raise error
+        raise QueueFullError(outcome["model"], 0, outcome["retry_after_s"], reason=outcome["reason"])
     errors: dict[str, Callable[[str], Exception]] = {
         "deadline": DeadlineExceededError, "closed": BatcherClosedError, "unknown_method": UnknownMethodError,
         "invalid_parameter": InvalidParameterError}

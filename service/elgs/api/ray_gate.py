@@ -47,7 +47,7 @@ class GateTicket:
     gate: DeploymentGate
     deadline: float  # time.monotonic()
     batcher: object = None  # what admitted it (the admission middleware compares it with the route's)
-    state: str = "reserved"  # reserved (arriving, decoding) -> waiting -> sent -> released
+    state: str = "reserved"  # reserved (arriving, decoding) -> counted -> waiting -> sent -> released
     sent_at: float = 0.0
     ahead_at_send: int = 0
     future: asyncio.Future | None = None  # set while waiting for a place at Ray
