@@ -228,3 +228,50 @@ def _in_flight(app) -> int:
     while not isinstance(layer, InFlightLimitMiddleware):
         layer = layer.app
     return layer.in_flight
+
+
+# Issue 18: what the client sent does not come back whole ------------------------------------------
+
+@pytest.mark.parametrize(("path", "params", "shown"), [
+    ("/defend/" + "x" * 5000, {}, "'" + "x" * 40 + "...' (5000 characters)"),
+    ("/defend/%00", {}, "unknown defence '?'"),
+    ("/defend/%1b%5b31m", {}, "unknown defence '?[31m'"),
+    ("/classify", {"model": "m" * 3000}, "(3000 characters) is not loaded"),
+    ("/defend/lgs", {"lambda": "z" * 3000}, "(3000 characters)"),
+    ("/defend/slgs", {"saliency": "s" * 150 + "\x00"}, "(151 characters)"),
+])
+def test_errors_quote_at_most_a_short_printable_part_of_the_request(server, path, params, shown):
+    response = httpx.post(f"{server.url}{path}", params=params, files=_cat_files(), timeout=20)
+    assert 400 <= response.status_code < 500
+    detail = response.json()["detail"]
+    assert shown in detail
+    assert len(response.content) < 400 and detail.isprintable()
+
+
+def test_parser_and_decoder_messages_are_in_our_words(server):
+    no_boundary = httpx.post(f"{server.url}/classify", content=b"abc",
+                             headers={"Content-Type": "multipart/form-data"}, timeout=20)
+    assert no_boundary.status_code == 400
+    assert no_boundary.json()["detail"].startswith("the request body is not valid multipart/form-data")
+    png = photo_png()
+    truncated = httpx.post(f"{server.url}/classify", files={"image": ("a.png", png[:200], "image/png")}, timeout=20)
+    assert truncated.status_code == 400
+    assert truncated.json()["detail"] == ("the image could not be decoded: the file ends early (truncated); "
+                                          "send the complete image file")
+
+
+def test_a_saliency_parameter_given_twice_is_422(server):
+    response = httpx.post(f"{server.url}/defend/slgs", params={"saliency": "smoothgrad:n=8,n=9"}, files=_cat_files(),
+                          timeout=20)
+    assert response.status_code == 422
+    assert "smoothgrad parameter 'n' is given twice" in response.json()["detail"]
+
+
+def test_the_schema_says_the_image_must_not_be_empty(server):
+    schemas = httpx.get(f"{server.url}/openapi.json", timeout=10).json()["components"]["schemas"]
+    images = [schema["properties"]["image"] for name, schema in schemas.items() if name.startswith("Body_")]
+    assert len(images) == 3
+    for image in images:
+        assert image["minLength"] == 1 and "non-empty" in image["description"]
+    empty = httpx.post(f"{server.url}/classify", files={"image": ("a.png", b"", "image/png")}, timeout=20)
+    assert empty.status_code == 400

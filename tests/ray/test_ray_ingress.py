@@ -238,3 +238,92 @@ def test_state_update_ignores_other_deployments():
     state.runtimes[MODEL] = ray_app.RemoteRuntime(model=None, batcher=None)  # type: ignore[arg-type]
     state.update({"ingress": SimpleNamespace(replica_states={"RUNNING": 0})})
     assert state.ready and state.replicas_header() == f"{MODEL}=1/1"
+
+
+# Issue 18: admission at the ingress, replica loss, cancelled calls --------------------------------
+
+class CancelRaises(Call):
+    """A call that, like a Ray ``DeploymentResponse``, ends in its own error when cancelled while awaited."""
+
+    async def _get(self) -> Any:
+        try:
+            return await super()._get()
+        except asyncio.CancelledError:
+            raise RuntimeError("request cancelled") from None
+
+
+class CancelRaisesMethod(Method):
+    def remote(self, *args) -> Call:
+        self.calls.append(args)
+        call = CancelRaises(self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0])
+        self.made.append(call)
+        return call
+
+
+async def test_a_cancelled_call_leaves_no_unretrieved_task_exception():
+    import gc
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    handle = Handle()
+    handle.submit = CancelRaisesMethod(["never"])
+    try:
+        with pytest.raises(DeadlineExceededError):
+            await _batcher(handle).submit(REQUEST, deadline=time.monotonic() + 0.3)
+        await asyncio.sleep(0.01)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert handle.submit.made[0].cancelled
+    assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported
+
+
+async def test_at_most_the_replicas_capacity_goes_to_ray_and_late_ones_are_refused_at_once():
+    handle = Handle("never")
+    batcher = _batcher(handle)  # one replica taking 2 x 4 requests, 0.1 s a request at first
+    deadline = time.monotonic() + 1.45
+    tasks = [asyncio.ensure_future(batcher.submit(REQUEST, deadline=deadline)) for _ in range(30)]
+    await asyncio.sleep(0.05)
+    assert len(handle.submit.calls) == 8  # the rest wait at the ingress, not in Ray's queue
+    refused = [t for t in tasks if t.done()]
+    # 0.1 s a request, 0.8 x 1.45 s: 11 admitted (8 at Ray, 3 waiting), 19 refused before anything was sent.
+    assert len(refused) == 19 and all("after this request's deadline" in str(t.exception()) for t in refused)
+    assert all(t.exception().retry_after_s >= 1 for t in refused)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert batcher.gate.ahead == 0
+
+
+async def test_losing_the_only_replica_answers_503_at_once_with_the_time_a_replacement_takes():
+    handle = Handle(ActorDiedError(), "never")
+    lost: list[bool] = []
+    batcher = _batcher(handle)
+    batcher.on_replica_lost = lambda: lost.append(True)
+    started = time.monotonic()
+    task = asyncio.ensure_future(batcher.submit(REQUEST))
+    while len(handle.submit.calls) < 2:  # died, sent again: Ray's router waits for a replica
+        await asyncio.sleep(0.005)
+    assert lost == [True] and not task.done()
+    batcher.gate.set_replicas(0)  # what the ingress's status poll then reports
+    with pytest.raises(QueueFullError, match="no replica of model 'tiny' is running") as refused:
+        await task
+    assert time.monotonic() - started < 1 and refused.value.retry_after_s >= 1
+    assert handle.submit.made[1].cancelled
+    with pytest.raises(QueueFullError, match="no replica"):
+        batcher.reserve()
+
+
+def test_the_app_answers_503_with_retry_after_while_no_replica_runs(ray_status):
+    with _client(Handle(answer())) as client:
+        ray_status.value = _status(running=0, starting=1)
+        for _ in range(200):
+            if client.get("/health/ready").status_code == 503:
+                break
+            time.sleep(0.01)
+        response = _classify(client)
+        assert response.status_code == 503, response.text
+        assert "no replica of model 'tiny' is running" in response.json()["detail"]
+        assert int(response.headers["Retry-After"]) >= 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -23,15 +22,15 @@ from elgs.api.middleware import (
 from elgs.api.routes import INFERENCE_ROUTERS, OPEN_ROUTERS, PROTECTED_ROUTERS, UNLIMITED_ROUTERS
 from elgs.api.routes.page import STATIC_DIR
 from elgs.api.settings import Settings
-from elgs.api.state import ServiceState, load_models_placed
+from elgs.api.state import ServiceBackend, ServiceState, load_models_placed
 from elgs.api.uploads import BodyLimitMiddleware, DecodePool
 from elgs.compute import tune_allocator
 from elgs.models import LoadedModel
 
 logger = logging.getLogger("elgs.api")
 
-# (settings, metrics) -> a started service with ServiceState's interface; see create_app.
-ServiceFactory = Callable[[Settings, ServiceMetrics], Awaitable[Any]]
+# (settings, metrics) -> a started service (elgs.api.state.ServiceBackend); see create_app.
+ServiceFactory = Callable[[Settings, ServiceMetrics], Awaitable[ServiceBackend]]
 
 DESCRIPTION = """
 Defends image classifiers against adversarial patch attacks with Local Gradients Smoothing (LGS) and
@@ -58,7 +57,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
         models: already loaded models to serve (tests pass a tiny CNN); by default the lifespan loads
             ``settings.models`` from the zoo.
         service_factory: another backend for the same routers: ``await service_factory(settings, metrics)``
-            returns a started object with :class:`ServiceState`'s interface (Ray Serve: :mod:`elgs.api.ray`);
+            returns a started :class:`~elgs.api.state.ServiceBackend` (Ray Serve: :mod:`elgs.api.ray`);
             by default the models run in this process.
 
     Returns:
@@ -71,6 +70,7 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service: ServiceBackend
         if service_factory is not None:
             service = await service_factory(settings, service_metrics)
         else:

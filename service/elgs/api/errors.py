@@ -8,12 +8,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import UnidentifiedImageError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from elgs.api.inference import ClientDisconnectedError
 from elgs.api.middleware import internal_error_response, queue_full_response, request_id
+from elgs.api.sanitize import client_values, quote_client_text, sanitize_detail
 from elgs.api.state import ModelNotLoadedError
 from elgs.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
 from elgs.engine import InvalidParameterError, UnknownMethodError
@@ -52,8 +56,17 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
-def _json(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+# Our words for a body the multipart parser refused (its own name internals, e.g. "Missing boundary in multipart.").
+MULTIPART_ERROR = ("the request body is not valid multipart/form-data (no boundary in its Content-Type, or "
+                   "malformed parts); upload the image as the form field 'image', e.g. curl -F image=@photo.jpg URL")
+BODY_ERROR = "the request body could not be read as a form; upload the image as the multipart/form-data field 'image'"
+
+
+def _json(status: int, detail: str, headers: dict[str, str] | None = None, request: Request | None = None
+          ) -> JSONResponse:
+    """``{"detail": ...}``; a value of ``request``'s path or query is quoted at most in part (:mod:`.sanitize`)."""
+    values = client_values(request.path_params, request.query_params.multi_items()) if request is not None else ()
+    return JSONResponse({"detail": sanitize_detail(detail, values)}, status_code=status, headers=headers)
 
 
 def _parameter_name(loc: Sequence[Any]) -> tuple[str, str]:
@@ -78,7 +91,9 @@ def format_validation_errors(errors: Sequence[dict[str, Any]]) -> str:
             message = message[0].lower() + message[1:] if message else message
             given = error.get("input")
             sentence = f"{where} '{name}': {message}"
-            if isinstance(given, (str, int, float)):
+            if isinstance(given, str):
+                sentence += f", got {quote_client_text(given)}"
+            elif isinstance(given, (int, float)):
                 sentence += f", got {given!r}"
         hint = PARAMETER_HINTS.get(name.split(".")[0])
         sentences.append(f"{sentence} ({hint})" if hint else sentence)
@@ -94,19 +109,19 @@ async def _queue_full(request: Request, error: QueueFullError | BatcherClosedErr
 
 
 async def _deadline(request: Request, error: DeadlineExceededError) -> JSONResponse:
-    return _json(504, str(error))
+    return _json(504, str(error), request=request)
 
 
 async def _unknown_method(request: Request, error: UnknownMethodError) -> JSONResponse:
-    return _json(404, str(error))
+    return _json(404, str(error.args[0]) if error.args else str(error), request=request)
 
 
 async def _model_not_loaded(request: Request, error: ModelNotLoadedError) -> JSONResponse:
-    return _json(404, str(error.args[0]))
+    return _json(404, str(error.args[0]), request=request)
 
 
 async def _invalid_parameter(request: Request, error: InvalidParameterError) -> JSONResponse:
-    return _json(422, str(error))
+    return _json(422, str(error), request=request)
 
 
 async def _too_large(request: Request, error: ImageTooLargeError) -> JSONResponse:
@@ -114,11 +129,25 @@ async def _too_large(request: Request, error: ImageTooLargeError) -> JSONRespons
 
 
 async def _undecodable(request: Request, error: ImageDecodeError) -> JSONResponse:
+    # Our words, not the decoder's (Pillow's messages name its internals and byte counts).
     if isinstance(error.__cause__, UnidentifiedImageError):
         return _json(415, "the upload is not in an image format this server reads (JPEG, PNG, GIF, BMP, TIFF, "
                           "WebP ...); send an image file in the field 'image'")
-    return _json(400, f"the image could not be decoded ({error.__cause__ or error}); the file may be truncated "
-                      "or corrupt, send the complete file")
+    cause = str(error.__cause__ or error).lower()
+    what = "the file ends early (truncated)" if "truncated" in cause else "the file is corrupt or truncated"
+    return _json(400, f"the image could not be decoded: {what}; send the complete image file")
+
+
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's answer to an ``HTTPException``, with the form parser's messages in our words and no long or
+    unprintable quotation of the request."""
+    if isinstance(error.__context__, MultiPartException):
+        return _json(error.status_code, MULTIPART_ERROR, error.headers)
+    if error.status_code == 400 and error.detail == "There was an error parsing the body":
+        return _json(400, BODY_ERROR, error.headers)
+    if not isinstance(error.detail, str):
+        return await http_exception_handler(request, error)
+    return _json(error.status_code, error.detail, error.headers, request=request)
 
 
 async def _client_gone(request: Request, error: Exception) -> JSONResponse:
@@ -135,6 +164,7 @@ async def _internal(request: Request, error: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(QueueFullError, _queue_full)
     app.add_exception_handler(BatcherClosedError, _queue_full)

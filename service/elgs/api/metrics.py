@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,11 +15,73 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-class ServiceMetrics(BatcherHooks):
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric, declared once for ``elgs serve`` (prometheus_client) and the Ray model replicas (Ray's metrics).
+
+    Attributes:
+        kind: ``histogram``, ``gauge`` or ``counter``.
+        buckets: the histogram's upper bounds.
+    """
+
+    name: str
+    description: str
+    kind: str
+    labels: tuple[str, ...] = ("model",)
+    buckets: tuple[float, ...] = ()
+
+
+# The batcher's metrics, by the BatcherHooks method that records them.
+BATCHER_METRICS: dict[str, MetricSpec] = {
+    "queue_wait": MetricSpec("elgs_queue_wait_seconds", "time a request waited in its model's queue", "histogram",
+                             buckets=LATENCY_BUCKETS),
+    "batch": MetricSpec("elgs_batch_size", "requests per batch", "histogram", buckets=BATCH_BUCKETS),
+    "queue_depth": MetricSpec("elgs_queue_depth", "requests waiting in the model's queue", "gauge"),
+    "model_pass": MetricSpec("elgs_model_pass_seconds", "engine time of one batch (both passes and the defence)",
+                             "histogram", buckets=LATENCY_BUCKETS),
+    "dropped": MetricSpec("elgs_dropped_requests",
+                          "queued requests dropped before compute (client gone or deadline passed)", "counter",
+                          labels=("model", "reason")),
+}
+
+
+class BatcherMetricHooks(BatcherHooks):
+    """The batcher's hooks recorded into the metrics of :data:`BATCHER_METRICS`; subclasses say how one
+    is recorded (:meth:`record`)."""
+
+    def record(self, hook: str, value: float, labels: tuple[str, ...]) -> None:
+        """Observe (histogram), set (gauge) or add (counter) ``value`` on ``BATCHER_METRICS[hook]``."""
+        raise NotImplementedError
+
+    def queue_wait(self, model: str, seconds: float) -> None:
+        self.record("queue_wait", seconds, (model,))
+
+    def batch(self, model: str, size: int) -> None:
+        self.record("batch", size, (model,))
+
+    def queue_depth(self, model: str, depth: int) -> None:
+        self.record("queue_depth", depth, (model,))
+
+    def model_pass(self, model: str, seconds: float, size: int) -> None:
+        self.record("model_pass", seconds, (model,))
+
+    def dropped(self, model: str, reason: str) -> None:
+        self.record("dropped", 1, (model, reason))
+
+
+def _prometheus_metric(spec: MetricSpec, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+    if spec.kind == "histogram":
+        return Histogram(spec.name, spec.description, list(spec.labels), buckets=spec.buckets, registry=registry)
+    kind = {"gauge": Gauge, "counter": Counter}[spec.kind]
+    return kind(spec.name, spec.description, list(spec.labels), registry=registry)
+
+
+class ServiceMetrics(BatcherMetricHooks):
     """The service's metrics; also the batchers' hooks.
 
     Attributes:
         registry: the app's own registry, served by ``GET /metrics``.
+        batcher_metrics: the metrics of :data:`BATCHER_METRICS` by hook name.
     """
 
     def __init__(self) -> None:
@@ -29,35 +92,17 @@ class ServiceMetrics(BatcherHooks):
         self.request_latency = Histogram(
             "elgs_request_latency_seconds", "HTTP request latency", ["endpoint"],
             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queue_wait_seconds = Histogram(
-            "elgs_queue_wait_seconds", "time a request waited in its model's queue", ["model"],
-            buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram(
-            "elgs_batch_size", "requests per batch", ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
-        self.queue_depth_gauge = Gauge(
-            "elgs_queue_depth", "requests waiting in the model's queue", ["model"], registry=self.registry)
-        self.model_pass_seconds = Histogram(
-            "elgs_model_pass_seconds", "engine time of one batch (both passes and the defence)", ["model"],
-            buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.dropped_requests = Counter(
-            "elgs_dropped_requests", "queued requests dropped before compute (client gone or deadline passed)",
-            ["model", "reason"], registry=self.registry)
+        self.batcher_metrics = {hook: _prometheus_metric(spec, self.registry) for hook, spec in BATCHER_METRICS.items()}
 
-    # BatcherHooks
-    def queue_wait(self, model: str, seconds: float) -> None:
-        self.queue_wait_seconds.labels(model).observe(seconds)
-
-    def batch(self, model: str, size: int) -> None:
-        self.batch_size.labels(model).observe(size)
-
-    def queue_depth(self, model: str, depth: int) -> None:
-        self.queue_depth_gauge.labels(model).set(depth)
-
-    def model_pass(self, model: str, seconds: float, size: int) -> None:
-        self.model_pass_seconds.labels(model).observe(seconds)
-
-    def dropped(self, model: str, reason: str) -> None:
-        self.dropped_requests.labels(model, reason).inc()
+    def record(self, hook: str, value: float, labels: tuple[str, ...]) -> None:
+        metric = self.batcher_metrics[hook].labels(*labels)
+        kind = BATCHER_METRICS[hook].kind
+        if kind == "histogram":
+            metric.observe(value)
+        elif kind == "gauge":
+            metric.set(value)
+        else:
+            metric.inc(value)
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, method, str(status)).inc()

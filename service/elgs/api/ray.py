@@ -15,15 +15,19 @@ Two kinds of deployment:
   keeps the deadlines, drop-before-compute, OOM splitting and per-request failures that Ray's
   ``@serve.batch`` lacks). It answers only after warm-up, so a running replica is a ready one.
 
-The ingress retries a request whose model replica died on another replica until its deadline (504);
-Ray's ``max_queued_requests`` turns into the same 503 with ``Retry-After`` as a full batcher queue. Every
-computed answer carries ``X-Elgs-Replica: <host>:<pid>`` of the model replica, and ``/health/ready``
-carries ``X-Elgs-Replicas: <model>=<running>/<target>,...``.
+The ingress admits and queues requests itself (:mod:`elgs.api.ray_gate`, issue 18): at most what the running
+replicas take at once is at Ray, and a request whose answer would come after its deadline, or that finds no
+replica running, gets 503 with ``Retry-After`` at once instead of a 504 after waiting in Ray's queue. A request
+whose model replica died goes to another replica (at most :data:`MAX_RESENDS` times); with none left it gets
+503 as soon as ``serve.status()`` (asked at once) shows it. Ray's ``max_queued_requests`` turns into the same
+503. Every computed answer carries ``X-Elgs-Replica: <host>:<pid>`` of the model replica, and
+``/health/ready`` carries ``X-Elgs-Replicas: <model>=<running>/<target>,...``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import math
@@ -37,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 from fastapi import FastAPI
 from prometheus_client import Counter
 from ray import serve
@@ -46,10 +51,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from elgs.api.app import create_app
-from elgs.api.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, ServiceMetrics
-from elgs.api.settings import CPU_MAX_BATCH_SIZE, CUDA_MAX_BATCH_SIZE, Settings
+from elgs.api.metrics import BATCHER_METRICS, BatcherMetricHooks, ServiceMetrics
+from elgs.api.ray_gate import DeploymentGate, GateTicket
+from elgs.api.settings import Settings
 from elgs.api.state import RuntimeLookup, ServiceState
-from elgs.batcher import BatcherClosedError, BatcherHooks, DeadlineExceededError, QueueFullError
+from elgs.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
 from elgs.engine import InvalidParameterError, Request, Result, UnknownMethodError
 
 logger = logging.getLogger("elgs.api")
@@ -59,6 +65,8 @@ INGRESS_NAME = "ingress"
 REPLICA_HEADER = "X-Elgs-Replica"
 REPLICAS_HEADER = "X-Elgs-Replicas"
 STATUS_POLL_S = 1.0
+# Requests in a model replica's warm-up batch (elgs.api.state.warmup_batch_sizes, uncompiled).
+WARMUP_BATCH = 2
 # Errors raised where the model replica went away (killed, crashed, drained): the request is sent again.
 RETRIED_ERRORS = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError)
 
@@ -74,41 +82,28 @@ def replica_id() -> str:
 
 # Model replicas ------------------------------------------------------------------------------------
 
-class RayBatcherMetrics(BatcherHooks):
-    """The batcher's metrics under their ``/metrics`` names, exported through Ray's metrics agent
+class RayBatcherMetrics(BatcherMetricHooks):
+    """The batcher's metrics of :data:`~elgs.api.metrics.BATCHER_METRICS`, exported through Ray's metrics agent
     (Prometheus names get Ray's ``ray_`` prefix and the ``deployment``, ``replica`` and ``application`` tags)."""
 
     def __init__(self) -> None:
         from ray.serve import metrics
 
-        self.queue_wait_seconds = metrics.Histogram(
-            "elgs_queue_wait_seconds", "time a request waited in its model's queue", boundaries=list(LATENCY_BUCKETS),
-            tag_keys=("model",))
-        self.batch_size = metrics.Histogram(
-            "elgs_batch_size", "requests per batch", boundaries=list(BATCH_BUCKETS), tag_keys=("model",))
-        self.queue_depth_gauge = metrics.Gauge(
-            "elgs_queue_depth", "requests waiting in the model replica's queue", tag_keys=("model",))
-        self.model_pass_seconds = metrics.Histogram(
-            "elgs_model_pass_seconds", "engine time of one batch (both passes and the defence)",
-            boundaries=list(LATENCY_BUCKETS), tag_keys=("model",))
-        self.dropped_requests = metrics.Counter(
-            "elgs_dropped_requests", "queued requests dropped before compute (client gone or deadline passed)",
-            tag_keys=("model", "reason"))
+        kinds = {"histogram": metrics.Histogram, "gauge": metrics.Gauge, "counter": metrics.Counter}
+        self.metrics = {
+            hook: kinds[spec.kind](spec.name, spec.description, tag_keys=spec.labels,
+                                   **({"boundaries": list(spec.buckets)} if spec.kind == "histogram" else {}))
+            for hook, spec in BATCHER_METRICS.items()}
 
-    def queue_wait(self, model: str, seconds: float) -> None:
-        self.queue_wait_seconds.observe(seconds, tags={"model": model})
-
-    def batch(self, model: str, size: int) -> None:
-        self.batch_size.observe(size, tags={"model": model})
-
-    def queue_depth(self, model: str, depth: int) -> None:
-        self.queue_depth_gauge.set(depth, tags={"model": model})
-
-    def model_pass(self, model: str, seconds: float, size: int) -> None:
-        self.model_pass_seconds.observe(seconds, tags={"model": model})
-
-    def dropped(self, model: str, reason: str) -> None:
-        self.dropped_requests.inc(tags={"model": model, "reason": reason})
+    def record(self, hook: str, value: float, labels: tuple[str, ...]) -> None:
+        spec, metric = BATCHER_METRICS[hook], self.metrics[hook]
+        tags = dict(zip(spec.labels, labels, strict=True))
+        if spec.kind == "histogram":
+            metric.observe(value, tags=tags)
+        elif spec.kind == "gauge":
+            metric.set(value, tags=tags)
+        else:
+            metric.inc(value, tags=tags)
 
 
 # Errors a model replica returns as values: a user exception raised in a replica reaches the caller
@@ -124,8 +119,9 @@ def error_outcome(error: Exception) -> dict[str, Any]:
     kind = next((kind for cls, kind in _ERROR_KINDS.items() if isinstance(error, cls)), "internal")
     message = str(error) if kind != "internal" else f"{type(error).__name__}: {error}"
     outcome = {"error": kind, "message": message}
-    if isinstance(error, QueueFullError):
-        outcome.update(model=error.model, retry_after_s=error.retry_after_s)
+    if isinstance(error, QueueFullError):  # its constructor's arguments: the reason without "; retry in N s"
+        reason = message.removesuffix(f"; retry in {error.retry_after_s} s")
+        outcome.update(model=error.model, retry_after_s=error.retry_after_s, reason=reason)
     return outcome
 
 
@@ -133,9 +129,7 @@ def raise_outcome_error(outcome: Mapping[str, Any]) -> None:
     """Raise the ingress-side exception for an error outcome (the app's handlers map it to its status)."""
     kind, message = outcome["error"], outcome["message"]
     if kind == "queue_full":
-        error = QueueFullError(outcome["model"], 0, outcome["retry_after_s"])
-        error.args = (message,)  # the replica's own wording
-        raise error
+        raise QueueFullError(outcome["model"], 0, outcome["retry_after_s"], reason=outcome["reason"])
     errors: dict[str, Callable[[str], Exception]] = {
         "deadline": DeadlineExceededError, "closed": BatcherClosedError, "unknown_method": UnknownMethodError,
         "invalid_parameter": InvalidParameterError}
@@ -150,28 +144,50 @@ class ModelReplica:
     Args:
         settings: the service settings (``models`` is replaced by ``[model]``).
         model: the zoo model this deployment serves.
+        max_ongoing_requests: the deployment's ``max_ongoing_requests`` (the ingress sends no more at once).
     """
 
-    async def __init__(self, settings: Settings, model: str) -> None:
+    async def __init__(self, settings: Settings, model: str, max_ongoing_requests: int | None = None) -> None:
         from elgs.api.state import load_models_placed
 
+        # A replacement's Retry-After counts the whole start: the process and its imports too, not only the load.
+        started = time.monotonic() - _process_age_s()
         self.settings = settings.model_copy(update={"models": [model]})
         self.replica = replica_id()
         loaded, threads = await load_models_placed(self.settings)
-        self.service = ServiceState.build(self.settings, loaded, RayBatcherMetrics(), threads)  # type: ignore[arg-type]
+        service = ServiceState.build(self.settings, loaded, RayBatcherMetrics(), threads)  # type: ignore[arg-type]
+        await self._serve(service, model, max_ongoing_requests, started)
+
+    @classmethod
+    async def around(cls, service: ServiceState, model: str, max_ongoing_requests: int | None = None) -> ModelReplica:
+        """A replica of ``model`` around a built (not started) local ``service``, outside Ray: what the shared
+        backend tests put behind a stand-in deployment handle."""
+        replica = cls.__new__(cls)
+        replica.settings, replica.replica = service.settings, replica_id()
+        await replica._serve(service, model, max_ongoing_requests, time.monotonic())
+        return replica
+
+    async def _serve(self, service: ServiceState, model: str, max_ongoing_requests: int | None,
+                     started: float) -> None:
+        self.service = service
         await self.service.start(warmup=self.settings.warmup)
         await self.service.warmed_up()  # a replica is reported running only once it can answer
         self.runtime = self.service.runtimes[model]
         if self.runtime.warmup_error:
             raise RuntimeError(f"warm-up of {model} failed: {self.runtime.warmup_error}")
-        logger.info("model %s ready in replica %s", model, self.replica)
+        self.max_ongoing_requests = max_ongoing_requests or 2 * self.runtime.batcher.max_batch_size
+        self.startup_s = time.monotonic() - started
+        logger.info("model %s ready in replica %s after %.1f s", model, self.replica, self.startup_s)
 
     def info(self) -> dict[str, Any]:
-        """What the ingress shows in ``GET /models`` and needs to decode uploads."""
-        model = self.runtime.model
+        """What the ingress shows in ``GET /models``, needs to decode uploads and to admit requests
+        (the measured batch time, the requests a replica takes at once, how long a replica takes to start)."""
+        model, batcher = self.runtime.model, self.runtime.batcher
         return {"describe": model.describe(), "name": model.name, "weights": model.weights,
                 "input_size": model.input_size, "device": str(model.device),
-                "max_batch_size": self.runtime.batcher.max_batch_size, "replica": self.replica}
+                "max_batch_size": batcher.max_batch_size, "replica": self.replica,
+                "batch_seconds": batcher.batch_seconds, "max_ongoing_requests": self.max_ongoing_requests,
+                "startup_s": self.startup_s}
 
     async def submit(self, request: Request, timeout_s: float, finish: Callable[[Result], Any] | None = None
                      ) -> dict[str, Any]:
@@ -192,6 +208,16 @@ class ModelReplica:
 
     async def __del__(self) -> None:
         await self.service.close()
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (0 where unknown)."""
+    try:
+        import psutil  # Ray's own copy in a Ray worker
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - an estimate for Retry-After only
+        return 0.0
 
 
 # Ingress -------------------------------------------------------------------------------------------
@@ -216,101 +242,149 @@ class RemoteModel:
         return dict(self.description)
 
 
-@dataclass(eq=False)
-class RemoteReservation:
-    """What :meth:`RemoteBatcher.reserve` returns: the request's deadline; holds no place (Ray queues)."""
-
-    batcher: RemoteBatcher
-    deadline: float  # time.monotonic()
-    released: bool = False
-
-    def release(self) -> None:
-        self.released = True
+# The ticket of the request being handled in this context (RemoteBatcher.reserve), taken over by submit.
+_current_ticket: contextvars.ContextVar[GateTicket | None] = contextvars.ContextVar("elgs_ray_ticket", default=None)
+# Times a request goes to Ray again after its replica died or drained (each time to another replica).
+MAX_RESENDS = 2
 
 
 class RemoteBatcher:
-    """The :class:`~elgs.batcher.Batcher` interface the routers use, sending requests to a model deployment.
+    """The :class:`~elgs.batcher.Batcher` interface the routers use, sending requests to a model deployment
+    through its :class:`~elgs.api.ray_gate.DeploymentGate` (admission, queue, shedding at the ingress).
 
     Args:
         handle: the model deployment's handle.
         model: the model's name.
         max_batch_size: the replicas' batch size (for ``GET /models``).
-        max_queue: the deployment's ``max_queued_requests`` (the 503 message).
+        max_queue: requests the ingress queues for the model beyond what its replicas take at once.
         request_timeout_s: the default deadline.
+        gate: the deployment's gate (default: one for a replica taking ``2 x max_batch_size`` requests).
+        on_retry: called with the model's name when a request goes to Ray again (metrics).
+        on_replica_lost: called when a replica died under a request (the ingress asks Ray's status at once).
     """
 
     def __init__(self, handle: DeploymentHandle, model: str, *, max_batch_size: int, max_queue: int,
-                 request_timeout_s: float, on_retry: Callable[[str], None] | None = None) -> None:
+                 request_timeout_s: float, gate: DeploymentGate | None = None,
+                 on_retry: Callable[[str], None] | None = None, on_replica_lost: Callable[[], None] | None = None
+                 ) -> None:
         self.handle = handle
         self.on_retry = on_retry
+        self.on_replica_lost = on_replica_lost
         self.model_name = model
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
+        self.gate = gate or DeploymentGate(model, max_ongoing_requests=2 * max_batch_size, max_queue=max_queue,
+                                           seconds_per_request=0.1, request_timeout_s=request_timeout_s)
         self.running = True
 
+    def _deadline(self, deadline: float | None) -> float:
+        return time.monotonic() + self.request_timeout_s if deadline is None else deadline
+
     def check_capacity(self, deadline: float | None = None) -> None:
-        """Ray's router knows the queues; a full one answers :class:`QueueFullError` at submit, and each
-        replica's own batcher admits by expected wait against ``deadline`` (passed with the request)."""
+        """Raise now what :meth:`submit` would raise for lack of room (see :meth:`DeploymentGate.check`)."""
         if not self.running:
             raise BatcherClosedError(f"model {self.model_name!r} is not accepting requests (shutting down)")
+        self.gate.check(self._deadline(deadline))
 
-    def reserve(self, deadline: float | None = None) -> RemoteReservation:
-        """The ingress side of :meth:`elgs.batcher.Batcher.reserve`: checks only that the model is served;
-        the place itself is taken in a replica's queue when the request is submitted."""
-        self.check_capacity(deadline)
-        return RemoteReservation(self, time.monotonic() + self.request_timeout_s if deadline is None else deadline)
+    def reserve(self, deadline: float | None = None) -> GateTicket:
+        """Admit a request before its body arrives; it counts against the gate until released or answered.
+
+        Raises:
+            BatcherClosedError, QueueFullError: as :meth:`check_capacity`.
+        """
+        if not self.running:
+            raise BatcherClosedError(f"model {self.model_name!r} is not accepting requests (shutting down)")
+        ticket = self.gate.admit(self._deadline(deadline))
+        ticket.batcher = self
+        _current_ticket.set(ticket)
+        return ticket
 
     async def submit(self, request: Request, *, deadline: float | None = None,
                      finish: Callable[[Result], Any] | None = None) -> Any:
-        """Send ``request`` to a replica; on a replica that died or shut down, to another, until ``deadline``.
+        """Send ``request`` to a replica once the gate gives it a place; on a replica that died or shut down,
+        to another one (at most :data:`MAX_RESENDS` times).
 
         Raises:
-            QueueFullError: the deployment queues ``max_queued_requests`` already.
+            QueueFullError: refused by the gate or Ray (503); :class:`~elgs.api.ray_gate.NoReplicaError`
+                when no replica runs.
             DeadlineExceededError: no answer before the deadline.
             What the replica's batcher raised (see :func:`raise_outcome_error`).
         """
-        deadline = time.monotonic() + self.request_timeout_s if deadline is None else deadline
-        attempt = 0
-        while True:
-            remaining = deadline - time.monotonic()
+        ticket = _current_ticket.get()
+        if ticket is None or ticket.gate is not self.gate or ticket.state != "reserved":
+            if not self.running:
+                raise BatcherClosedError(f"model {self.model_name!r} is not accepting requests (shutting down)")
+            ticket = self.gate.admit(self._deadline(deadline))
+        try:
+            await self.gate.acquire(ticket)
+            return await self._call(ticket, request, finish)
+        finally:
+            ticket.release()
+
+    async def _call(self, ticket: GateTicket, request: Request, finish: Callable[[Result], Any] | None) -> Any:
+        lost = self.gate.lost()
+        for attempt in range(MAX_RESENDS + 1):
+            remaining = ticket.deadline - time.monotonic()
             if remaining <= 0:
-                raise DeadlineExceededError(f"no answer from model {self.model_name!r} within the deadline "
-                                            f"({attempt} retries); retry later or raise ELGS_REQUEST_TIMEOUT_S")
+                break
             response = self.handle.submit.remote(request, remaining, finish)
             call = asyncio.ensure_future(_result(response))
+            call.add_done_callback(_retrieve)  # a cancelled call ends in RequestCancelledError: nobody reads it
             try:
-                done, _ = await asyncio.wait({call}, timeout=remaining)
+                done, _ = await asyncio.wait({call, lost}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:  # the client left: the replica's batcher drops it before compute
-                call.cancel()
-                response.cancel()
+                _cancel(call, response)
                 raise
-            if not done:
-                call.cancel()
-                response.cancel()
-                continue  # the loop raises DeadlineExceededError
+            if call not in done:
+                _cancel(call, response)
+                if lost.done():  # the last replica went away: nothing will answer before a replacement
+                    raise self.gate.no_replica_error()
+                break
             try:
                 outcome = call.result()
             except BackPressureError:
                 raise QueueFullError(self.model_name, self.max_queue, 1) from None
             except RETRIED_ERRORS as error:
-                attempt += 1
-                if self.on_retry is not None:
-                    self.on_retry(self.model_name)
-                logger.warning("model %s: replica unavailable (%s); retry %d", self.model_name,
-                               type(error).__name__, attempt)
-                await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0, max(0.0, deadline - time.monotonic())))
+                self._replica_lost(error, attempt)
+                if self.gate.replicas <= 0:
+                    raise self.gate.no_replica_error() from None
+                self.gate.resend(ticket)
                 continue
             if outcome.get("error") == "closed":  # a replica draining for shutdown: another one answers
-                attempt += 1
                 await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
+                self.gate.resend(ticket)
                 continue
             if "error" in outcome:
                 raise_outcome_error(outcome)
+            self.gate.answered(ticket)
             holder = _answering_replica.get()
             if holder is not None:
                 holder["replica"] = outcome["replica"]
             return outcome["answer"]
+        else:
+            raise QueueFullError(self.model_name, self.max_queue, 1, reason=(
+                f"the replicas of model {self.model_name!r} kept going away under this request"))
+        raise DeadlineExceededError(f"no answer from model {self.model_name!r} within the deadline; "
+                                    "retry later or raise ELGS_REQUEST_TIMEOUT_S")
+
+    def _replica_lost(self, error: Exception, attempt: int) -> None:
+        if self.on_retry is not None:
+            self.on_retry(self.model_name)
+        if self.on_replica_lost is not None:
+            self.on_replica_lost()
+        logger.warning("model %s: replica unavailable (%s); sending the request again (%d)", self.model_name,
+                       type(error).__name__, attempt + 1)
+
+
+def _retrieve(call: asyncio.Future) -> None:
+    if not call.cancelled():
+        call.exception()
+
+
+def _cancel(call: asyncio.Future, response: Any) -> None:
+    call.cancel()
+    response.cancel()
 
 
 async def _result(response: Any) -> Any:
@@ -332,6 +406,23 @@ class RemoteRuntime:
     def name(self) -> str:
         return self.model.name
 
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any], handle: DeploymentHandle, settings: Settings,
+                  ingress_replicas: int = 1, **callbacks: Callable[..., None]) -> RemoteRuntime:
+        """The runtime of the model a replica described in ``info`` (:meth:`ModelReplica.info`)."""
+        name = info["name"]
+        ongoing = info.get("max_ongoing_requests", 2 * info["max_batch_size"])
+        # The warm-up batch's time shared by its requests: the first estimate, until answers measure it.
+        per_request = info.get("batch_seconds", 1.0) / min(WARMUP_BATCH, info["max_batch_size"])
+        gate = DeploymentGate(name, max_ongoing_requests=max(1, math.ceil(ongoing / ingress_replicas)),
+                              max_queue=settings.max_queue, seconds_per_request=per_request,
+                              request_timeout_s=settings.request_timeout_s, startup_s=info.get("startup_s", 30.0))
+        batcher = RemoteBatcher(handle, name, max_batch_size=info["max_batch_size"], max_queue=settings.max_queue,
+                                request_timeout_s=settings.request_timeout_s, gate=gate, **callbacks)
+        model = RemoteModel(name=name, weights=info["weights"], input_size=info["input_size"], device=info["device"],
+                            description=info["describe"])
+        return cls(model=model, batcher=batcher)
+
 
 @dataclass(eq=False)
 class RayServiceState(RuntimeLookup[RemoteRuntime]):
@@ -342,22 +433,21 @@ class RayServiceState(RuntimeLookup[RemoteRuntime]):
     runtimes: dict[str, RemoteRuntime] = field(default_factory=dict)
     app_name: str = APP_NAME
     _poll: asyncio.Task | None = None
+    _poll_now: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     async def connect(cls, settings: Settings, metrics: ServiceMetrics, handles: Mapping[str, DeploymentHandle],
-                      app_name: str = APP_NAME) -> RayServiceState:
-        """Ask each model deployment for its model's description (waits for a first replica) and start polling."""
+                      app_name: str = APP_NAME, ingress_replicas: int = 1) -> RayServiceState:
+        """Ask each model deployment for its model's description (waits for a first replica) and start polling;
+        each of ``ingress_replicas`` ingress replicas sends its share of what the model replicas take at once."""
         state = cls(settings=settings, metrics=metrics, app_name=app_name)
         retries = Counter("elgs_replica_retries", "requests sent again because their model replica died or left",
                           ["model"], registry=metrics.registry)
         for name in settings.models:
             info = await handles[name].info.remote()
-            batcher = RemoteBatcher(handles[name], name, max_batch_size=info["max_batch_size"],
-                                    max_queue=settings.max_queue, request_timeout_s=settings.request_timeout_s,
-                                    on_retry=lambda model: retries.labels(model).inc())
-            model = RemoteModel(name=info["name"], weights=info["weights"], input_size=info["input_size"],
-                                device=info["device"], description=info["describe"])
-            state.runtimes[name] = RemoteRuntime(model=model, batcher=batcher)
+            state.runtimes[name] = RemoteRuntime.from_info(
+                info, handles[name], settings, ingress_replicas, on_retry=lambda model: retries.labels(model).inc(),
+                on_replica_lost=state._poll_now.set)
         state._poll = asyncio.get_running_loop().create_task(state._poll_status(), name="elgs-ray-status")
         return state
 
@@ -378,6 +468,9 @@ class RayServiceState(RuntimeLookup[RemoteRuntime]):
             runtime.running_replicas = states.get("RUNNING", 0)
             runtime.target_replicas = sum(states.values())
             runtime.ready = runtime.running_replicas >= 1
+            gate = getattr(runtime.batcher, "gate", None)
+            if gate is not None:
+                gate.set_replicas(runtime.running_replicas)
 
     async def _poll_status(self) -> None:
         while True:
@@ -390,7 +483,10 @@ class RayServiceState(RuntimeLookup[RemoteRuntime]):
                 raise
             except Exception:
                 logger.exception("serve.status() failed")
-            await asyncio.sleep(STATUS_POLL_S)
+            # Every STATUS_POLL_S, and at once when a request met a dead replica.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll_now.wait(), STATUS_POLL_S)
+            self._poll_now.clear()
 
     async def close(self) -> None:
         for runtime in self.runtimes.values():
@@ -431,11 +527,13 @@ class ReplicaHeaderMiddleware:
             _answering_replica.reset(token)
 
 
-def create_ray_app(settings: Settings, handles: Mapping[str, DeploymentHandle], app_name: str = APP_NAME) -> FastAPI:
-    """The ingress app: :func:`elgs.api.create_app` with the model deployments behind its routers."""
+def create_ray_app(settings: Settings, handles: Mapping[str, DeploymentHandle], app_name: str = APP_NAME,
+                   ingress_replicas: int = 1) -> FastAPI:
+    """The ingress app: :func:`elgs.api.create_app` with the model deployments behind its routers
+    (``ingress_replicas``: how many ingress replicas share the model replicas' capacity)."""
 
     async def connect(settings: Settings, metrics: ServiceMetrics) -> RayServiceState:
-        return await RayServiceState.connect(settings, metrics, handles, app_name)
+        return await RayServiceState.connect(settings, metrics, handles, app_name, ingress_replicas)
 
     app = create_app(settings, service_factory=connect)
     app.add_middleware(ReplicaHeaderMiddleware)
@@ -446,14 +544,15 @@ def create_ray_app(settings: Settings, handles: Mapping[str, DeploymentHandle], 
 class Ingress:
     """The ingress deployment (HTTP, decode, encode); ``models`` maps each model to its deployment's handle."""
 
-    def __init__(self, settings: Settings, models: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, settings: Settings, models: dict[str, DeploymentHandle], ingress_replicas: int = 1) -> None:
         self.settings = settings
         self.models = models
+        self.ingress_replicas = ingress_replicas
         # The name `serve run`, `serve deploy` or elgs serve --ray gave the application (for serve.status()).
         self.app_name = serve.get_replica_context().app_name
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_ray_app(self.settings, self.models, self.app_name)
+        return create_ray_app(self.settings, self.models, self.app_name, self.ingress_replicas)
 
 
 # Building and running ------------------------------------------------------------------------------
@@ -497,20 +596,21 @@ def build_application(settings: Settings, options: RayOptions = RayOptions()) ->
         settings = settings.model_copy(update={"torch_threads": max(1, int(options.model_num_cpus))})
     handles = {}
     for name in settings.models:
-        # The batch size each replica will use (Settings.batch_size_for on its device).
-        batch = settings.max_batch_size or (CPU_MAX_BATCH_SIZE if options.model_num_gpus == 0 else CUDA_MAX_BATCH_SIZE)
+        # The batch size each replica will use: Settings.batch_size_for its device, as in elgs serve.
+        batch = settings.batch_size_for(torch.device("cuda" if options.model_num_gpus > 0 else "cpu"))
+        max_ongoing = options.max_ongoing_requests or 2 * batch
         deployment = serve.deployment(
             ModelReplica, name=model_deployment_name(name), num_replicas=options.replicas,
             ray_actor_options={"num_cpus": options.model_num_cpus, "num_gpus": options.model_num_gpus},
-            max_ongoing_requests=options.max_ongoing_requests or 2 * batch,
+            max_ongoing_requests=max_ongoing,
             max_queued_requests=settings.max_queue, health_check_period_s=2, health_check_timeout_s=30,
             graceful_shutdown_timeout_s=settings.request_timeout_s)
-        handles[name] = deployment.bind(settings, name)
+        handles[name] = deployment.bind(settings, name, max_ongoing_requests=max_ongoing)
     ingress = serve.deployment(
         Ingress, name=INGRESS_NAME, num_replicas=options.ingress_replicas,
         ray_actor_options={"num_cpus": options.ingress_num_cpus, "num_gpus": 0},
         max_ongoing_requests=max(64, 2 * settings.max_queue))
-    return ingress.bind(settings, handles)
+    return ingress.bind(settings, handles, ingress_replicas=options.ingress_replicas)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from elgs.api.metrics import ServiceMetrics
 from elgs.api.settings import Settings
 from elgs.batcher import Batcher
 from elgs.compute import ComputeThread
-from elgs.engine import Engine, Request
+from elgs.engine import Engine, Request, Result
 from elgs.models import LoadedModel, load_model
 
 logger = logging.getLogger("elgs.api")
@@ -29,6 +29,85 @@ R = TypeVar("R")
 
 class ModelNotLoadedError(LookupError):
     """A request named a model this server did not load (HTTP 404)."""
+
+
+# The backend contract (issue 16): what the routers, the middleware and the health probes use of a service.
+# The local classes (ServiceState, ModelRuntime, LoadedModel, elgs.batcher.Batcher) and the Ray ingress's
+# (elgs.api.ray: RayServiceState, RemoteRuntime, RemoteModel, RemoteBatcher) both implement it;
+# tests/api/test_backend_protocol.py runs one suite against both.
+
+@runtime_checkable
+class AdmissionTicket(Protocol):
+    """A request admitted before its body arrived (``Batcher.reserve``): its deadline, held until released."""
+
+    deadline: float
+
+    @property
+    def released(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+@runtime_checkable
+class BatcherBackend(Protocol):
+    """Admission and submission of one model's requests."""
+
+    max_batch_size: int
+
+    @property
+    def running(self) -> bool: ...
+
+    def check_capacity(self, deadline: float | None = None) -> None:
+        """Raise ``QueueFullError`` / ``BatcherClosedError`` now when the request could not be taken in time."""
+
+    def reserve(self, deadline: float | None = None) -> AdmissionTicket: ...
+
+    async def submit(self, request: Request, *, deadline: float | None = None,
+                     finish: Callable[[Result], Any] | None = None) -> Any:
+        """The answer to ``request`` (``finish(result)`` when given), or the batcher's errors."""
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    """What the routers read of a model (``LoadedModel``, or a Ray model deployment's description)."""
+
+    name: str
+    weights: str
+    input_size: int
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class RuntimeBackend(Protocol):
+    """A served model: its description, its batcher, and whether it answers."""
+
+    model: ModelBackend
+    batcher: BatcherBackend
+    ready: bool
+    warmup_error: str | None
+
+    @property
+    def name(self) -> str: ...
+
+
+@runtime_checkable
+class ServiceBackend(Protocol):
+    """A started service: its models by name (the first is the default), readiness, and shutdown."""
+
+    settings: Settings
+    runtimes: dict[str, Any]  # name -> RuntimeBackend
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def default_model(self) -> str: ...
+
+    def runtime(self, name: str | None) -> Any:
+        """The :class:`RuntimeBackend` of model ``name`` (None: the default); ``ModelNotLoadedError`` otherwise."""
+
+    async def close(self) -> None: ...
 
 
 @dataclass(eq=False)

@@ -12,6 +12,7 @@ from fastapi import HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from elgs.api.sanitize import quote_client_text
 from elgs.images import decode_for_model
 
 # Room for the multipart boundaries and part headers around the file itself.
@@ -130,7 +131,8 @@ async def read_image(upload: UploadFile, *, size: int, max_upload_mb: float, max
     """
     content_type = (upload.content_type or "").split(";")[0].strip().lower()
     if not content_type.startswith("image/") and content_type not in GENERIC_CONTENT_TYPES:
-        raise HTTPException(415, f"the upload's content type is {content_type!r}, not an image; send a JPEG, PNG, "
+        raise HTTPException(415, f"the upload's content type is {quote_client_text(content_type)}, not an image; "
+                                 "send a JPEG, PNG, "
                                  "GIF, WebP ... file (with curl: -F 'image=@photo.jpg;type=image/jpeg')")
     max_bytes = int(max_upload_mb * 1024 * 1024)
     if upload.size is not None and upload.size > max_bytes:

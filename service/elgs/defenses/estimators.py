@@ -215,6 +215,7 @@ def parse_saliency(spec: str | SaliencyConfig, *, base: str | SaliencyConfig | N
         base_config = parse_saliency(base)
         if base_config.estimator == name:
             values = {key: getattr(base_config, key) for key in values}
+    given: set[str] = set()
     for item in filter(None, (part.strip() for part in arguments.split(","))):
         key, equals, text = item.partition("=")
         key = key.strip()
@@ -222,6 +223,9 @@ def parse_saliency(spec: str | SaliencyConfig, *, base: str | SaliencyConfig | N
             raise ValueError(f"saliency parameter {item!r} must be written key=value")
         if key not in parameters:
             raise ValueError(f"{name} has no parameter {key!r}; it takes {', '.join(parameters)}")
+        if key in given:  # the last would win silently
+            raise ValueError(f"{name} parameter {key!r} is given twice; give each parameter once")
+        given.add(key)
         values[key] = parameters[key].parse(text.strip())
     config = SaliencyConfig(estimator=name, **values)
     if name == "gradient":

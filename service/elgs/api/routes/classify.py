@@ -13,8 +13,10 @@ from elgs.api.schemas import ClassifyResponse
 
 router = APIRouter(tags=["inference"])
 
-IMAGE_FIELD = File(description="the image: any format Pillow reads (JPEG, PNG, GIF, WebP, TIFF, BMP ...), "
-                               "RGB, RGBA, gray, palette, CMYK or 16-bit; EXIF orientation is applied")
+# minLength: an empty file is refused (400), so the schema says so to generated clients and fuzzers.
+IMAGE_FIELD = File(description="the image, a non-empty file: any format Pillow reads (JPEG, PNG, GIF, WebP, TIFF, "
+                               "BMP ...), RGB, RGBA, gray, palette, CMYK or 16-bit; EXIF orientation is applied",
+                   json_schema_extra={"minLength": 1})
 
 
 @router.post(
