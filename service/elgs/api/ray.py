@@ -242,8 +242,6 @@ class RemoteModel:
         return dict(self.description)
 
 
-# The ticket of the request being handled in this context (RemoteBatcher.reserve), taken over by submit.
-_current_ticket: contextvars.ContextVar[GateTicket | None] = contextvars.ContextVar("elgs_ray_ticket", default=None)
 # Times a request goes to Ray again after its replica died or drained (each time to another replica).
 MAX_RESENDS = 2
 
@@ -297,13 +295,13 @@ class RemoteBatcher:
             raise BatcherClosedError(f"model {self.model_name!r} is not accepting requests (shutting down)")
         ticket = self.gate.admit(self._deadline(deadline))
         ticket.batcher = self
-        _current_ticket.set(ticket)
         return ticket
 
     async def submit(self, request: Request, *, deadline: float | None = None,
-                     finish: Callable[[Result], Any] | None = None) -> Any:
+                     finish: Callable[[Result], Any] | None = None, reservation: GateTicket | None = None) -> Any:
         """Send ``request`` to a replica once the gate gives it a place; on a replica that died or shut down,
-        to another one (at most :data:`MAX_RESENDS` times).
+        to another one (at most :data:`MAX_RESENDS` times). ``reservation``: the ticket :meth:`reserve` gave
+        this request (the admission middleware holds it), taken over here; without one it is admitted now.
 
         Raises:
             QueueFullError: refused by the gate or Ray (503); :class:`~elgs.api.ray_gate.NoReplicaError`
@@ -311,7 +309,7 @@ class RemoteBatcher:
             DeadlineExceededError: no answer before the deadline.
             What the replica's batcher raised (see :func:`raise_outcome_error`).
         """
-        ticket = _current_ticket.get()
+        ticket = reservation
         if ticket is None or ticket.gate is not self.gate or ticket.state != "reserved":
             if not self.running:
                 raise BatcherClosedError(f"model {self.model_name!r} is not accepting requests (shutting down)")

@@ -63,8 +63,10 @@ class BatcherBackend(Protocol):
     def reserve(self, deadline: float | None = None) -> AdmissionTicket: ...
 
     async def submit(self, request: Request, *, deadline: float | None = None,
-                     finish: Callable[[Result], Any] | None = None) -> Any:
-        """The answer to ``request`` (``finish(result)`` when given), or the batcher's errors."""
+                     finish: Callable[[Result], Any] | None = None,
+                     reservation: AdmissionTicket | None = None) -> Any:
+        """The answer to ``request`` (``finish(result)`` when given), or the batcher's errors; ``reservation``: the
+        ticket :meth:`reserve` gave it before its body arrived (None: admitted now)."""
 
 
 @runtime_checkable
