@@ -138,6 +138,10 @@ def test_defend_auto_screens_then_escalates_through_the_batcher(client):
                        files=_upload(ASTRONAUT, "astronaut.png")).json()
     assert flagged["attack_score"] == pytest.approx(slgs["attack_score"], abs=1e-5)
     assert flagged["final_predictions"] == slgs["final_predictions"] and flagged["attacked"] == slgs["attacked"]
+    metrics = client.get("/metrics").text
+    assert 'elgs_cascade_answers_total{attacked="false",method="auto",model="tiny",path="screen"} 1.0' in metrics
+    verdict = {None: "unknown", True: "true", False: "false"}[flagged["attacked"]]
+    assert f'elgs_cascade_answers_total{{attacked="{verdict}",method="auto",model="tiny",path="strong"}} 1.0' in metrics
 
 
 @pytest.mark.parametrize("params, fragment", [

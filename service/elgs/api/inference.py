@@ -108,6 +108,9 @@ async def run(http_request: HttpRequest, runtime: ModelRuntime, settings: Settin
         result = await submit_unless_disconnected(http_request, runtime, result.escalate, strong)
         for stage, ms in result.timing_ms.items():
             engine_timing[stage] = engine_timing.get(stage, 0.0) + ms
+    if result.path is not None:
+        http_request.app.state.metrics.cascade_answer(runtime.name, request_fields.get("method", ""), result.path,
+                                                      result.attacked)
     waited_ms = (time.perf_counter() - decoded) * 1000
     engine_ms = sum(engine_timing.values())
     timing = {"decode": round((decoded - started) * 1000, 3), "queue": round(max(0.0, waited_ms - engine_ms), 3)}

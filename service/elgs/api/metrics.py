@@ -93,6 +93,10 @@ class ServiceMetrics(BatcherMetricHooks):
             "elgs_request_latency_seconds", "HTTP request latency", ["endpoint"],
             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batcher_metrics = {hook: _prometheus_metric(spec, self.registry) for hook, spec in BATCHER_METRICS.items()}
+        self.cascade_paths = Counter(
+            "elgs_cascade_answers", "answers of a cascade (/defend/auto) by the path that decided them: screen (the "
+            "cheap screen passed the image) or strong (flagged, decided by the strong defence), and the verdict",
+            ["model", "method", "path", "attacked"], registry=self.registry)
 
     def record(self, hook: str, value: float, labels: tuple[str, ...]) -> None:
         metric = self.batcher_metrics[hook].labels(*labels)
@@ -103,6 +107,10 @@ class ServiceMetrics(BatcherMetricHooks):
             metric.set(value)
         else:
             metric.inc(value)
+
+    def cascade_answer(self, model: str, method: str, path: str, attacked: bool | None) -> None:
+        """Count a cascade's answer by its path and verdict (``attacked``: true, false or unknown)."""
+        self.cascade_paths.labels(model, method, path, "unknown" if attacked is None else str(attacked).lower()).inc()
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, method, str(status)).inc()
