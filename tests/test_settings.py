@@ -29,20 +29,27 @@ def test_no_module_but_settings_reads_the_environment():
         assert lines and not any(re.search(r"""os\.environ(\.get)?\s*[\[(]\s*["']ELGS_""", line) for line in lines)
 
 
-def test_torch_threads_and_calibration_file_come_from_settings(monkeypatch, tmp_path):
-    from elgs.compute import torch_threads
+def test_torch_threads_and_calibration_file_come_from_settings(monkeypatch, tmp_path, capsys):
+    """The CLI reads the settings once and passes them down (torch threads, the calibration file)."""
+    import torch
+
+    from elgs.cli import main
     from elgs.thresholds import user_calibration_path
 
     monkeypatch.setenv("ELGS_TORCH_THREADS", "3")
     monkeypatch.setenv("ELGS_CALIBRATION_FILE", str(tmp_path / "c.json"))
-    assert torch_threads() == Settings().torch_threads == 3
-    assert user_calibration_path() == Settings().calibration_file == tmp_path / "c.json"
+    before = torch.get_num_threads()
+    try:
+        assert main(["defenses"]) == 0 and torch.get_num_threads() == Settings().torch_threads == 3
+    finally:
+        torch.set_num_threads(before)
+    assert user_calibration_path(Settings().calibration_file) == tmp_path / "c.json"
     monkeypatch.setenv("ELGS_CALIBRATION_FILE", "")  # empty: the default place
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    assert user_calibration_path() == tmp_path / "elgs" / "calibration.json"
+    assert user_calibration_path(Settings().calibration_file) == tmp_path / "elgs" / "calibration.json"
     monkeypatch.setenv("ELGS_TORCH_THREADS", "0")
-    with pytest.raises(ValueError, match="ELGS_TORCH_THREADS"):
-        torch_threads()
+    capsys.readouterr()
+    assert main(["defenses"]) == 2 and "ELGS_TORCH_THREADS" in capsys.readouterr().err
 
 
 def test_the_api_reexports_the_same_settings():

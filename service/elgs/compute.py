@@ -101,26 +101,18 @@ def _positive_ratio(quota: int, period: int) -> float | None:
 
 
 def torch_threads(threads: int | None = None) -> int:
-    """The intra-op thread count to use: ``threads``, else the ``torch_threads`` setting
-    (``$ELGS_TORCH_THREADS``, read by :class:`elgs.settings.Settings`), else :func:`available_cores`
-    (the affinity mask capped by a cgroup CPU quota).
+    """The intra-op thread count to use: ``threads`` (the ``torch_threads`` setting, ``$ELGS_TORCH_THREADS``,
+    which the CLI and the app pass down), else :func:`available_cores` (the affinity mask capped by a cgroup
+    CPU quota).
 
     Raises:
         ValueError: the value is not a positive integer.
     """
     if threads is None:
-        threads = _threads_setting()
-        if threads is None:
-            return available_cores()
+        return available_cores()
     if threads < 1:
         raise ValueError(f"torch threads must be >= 1, got {threads}")
     return threads
-
-
-def _threads_setting() -> int | None:
-    from elgs.settings import read_settings
-
-    return read_settings().torch_threads
 
 
 def set_torch_threads(threads: int | None = None) -> int:
@@ -141,7 +133,7 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 _allocator_tuned: bool | None = None
 
 
-def tune_allocator(enabled: bool | None = None) -> bool:
+def tune_allocator(enabled: bool = True) -> bool:
     """Let glibc's malloc keep freed memory for the next pass instead of handing it back to the OS.
 
     By default glibc serves every allocation over 32 MiB (and, in threads other than the main one, many
@@ -159,23 +151,19 @@ def tune_allocator(enabled: bool | None = None) -> bool:
     thread gets an arena of its own whose large blocks are still mapped and unmapped on every pass.
 
     Args:
-        enabled: None reads the ``malloc_tuning`` setting (``ELGS_MALLOC_TUNING``, default on).
+        enabled: the ``malloc_tuning`` setting (``ELGS_MALLOC_TUNING``, default on), which the CLI and the app
+            pass down.
 
     Returns:
-        whether the tuning is in effect (False on a libc other than glibc, or when disabled). The first
-        call that enables it decides for the process; call it before the threads that run models start.
+        whether the tuning is in effect (False on a libc other than glibc, or when disabled). The first call
+        decides for the process (malloc's arenas are fixed by then, which is why the record is process-wide);
+        later calls return that decision.
     """
     global _allocator_tuned
-    if _allocator_tuned is not None:  # decided once per process: malloc's arenas are set up by then
+    if _allocator_tuned is not None:
         return _allocator_tuned
-    if enabled is None:
-        from elgs.settings import Settings, read_settings
-
-        try:
-            enabled = read_settings().malloc_tuning
-        except ValueError:  # another setting is bad: that one's reader reports it
-            enabled = Settings.model_fields["malloc_tuning"].default
     if not enabled:
+        _allocator_tuned = False
         return False
     import ctypes
     import platform
@@ -240,7 +228,7 @@ class ComputeThread:
     def __init__(self, name: str, threads: int | None = None) -> None:
         self.name = f"{COMPUTE_THREAD_PREFIX}-{name}"
         self.threads = torch_threads(threads)
-        source = describe_cores() if threads is None and _threads_setting() is None else "set by ELGS_TORCH_THREADS"
+        source = describe_cores() if threads is None else "set by ELGS_TORCH_THREADS"
         logger.info("%s: %d torch thread%s (%s)", self.name, self.threads, "" if self.threads == 1 else "s", source)
         tune_allocator()  # before the thread's first allocation
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name,

@@ -293,8 +293,9 @@ def print_floor(arguments_json: str) -> None:
     says, run :func:`model_floor` with the JSON arguments (``image_size`` and ``model`` plus its keyword
     arguments) and print its rows as one JSON line."""
     from elgs.compute import tune_allocator
+    from elgs.settings import read_settings
 
-    tune_allocator()  # as ELGS_MALLOC_TUNING says
+    tune_allocator(read_settings().malloc_tuning)  # this fresh process's entry point: as ELGS_MALLOC_TUNING says
     arguments = json.loads(arguments_json)
     uploads = sample_uploads(arguments.pop("image_size"))
     print(json.dumps(model_floor(arguments.pop("model"), uploads, **arguments)), flush=True)

@@ -43,11 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         from elgs.compute import set_torch_threads, tune_allocator
+        from elgs.settings import read_settings
 
         try:
-            tune_allocator()  # first, while this is the process's only thread
+            settings = read_settings()  # the CLI's one read of the environment; values are passed down
+            tune_allocator(settings.malloc_tuning)  # first, while this is the process's only thread
             if getattr(args, "torch_in_main_thread", True):  # elgs serve sets them in its compute threads
-                set_torch_threads()
+                set_torch_threads(settings.torch_threads)
         except ValueError as error:
             raise CommandError(str(error)) from None
         return int(args.handler(args) or 0)
