@@ -186,14 +186,16 @@ def attack_scores(original_logits: torch.Tensor, defended_logits: torch.Tensor) 
         defended_logits: tensor of shape (B, N).
 
     Returns:
-        tensor of shape (B,) in [0, 2] (float32).
+        tensor of shape (B,) in [0, 2] (float32), rounded to 1e-6.
     """
     if original_logits.shape != defended_logits.shape or original_logits.ndim != 2:
         raise ValueError(f"logits must both have shape (B, N), got {tuple(original_logits.shape)} "
                          f"and {tuple(defended_logits.shape)}")
     original = torch.softmax(original_logits.detach().float(), dim=1)
     defended = torch.softmax(defended_logits.detach().float(), dim=1)
-    return (original - defended).abs().sum(dim=1).clamp(*SCORE_RANGE)
+    # Rounded to 1e-6: below that it is float32 noise that varies with the batch's shape (a defence that
+    # changes nothing scores 0 whoever shares the batch), not a difference between the two answers.
+    return ((original - defended).abs().sum(dim=1) * 1e6).round().div(1e6).clamp(*SCORE_RANGE)
 
 
 def decide(score: float, threshold: float | None) -> bool | None:

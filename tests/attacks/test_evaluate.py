@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,8 +208,12 @@ def test_attack_score_detector_and_final_predictions(pipeline):
     attack = lgs["attacks"][spec.name]
     assert attack["auroc"] == pytest.approx(auroc(scores["clean"], scores["patched"]))
     assert lgs["attack_threshold"] == middle
-    assert lgs["clean_flagged"] == pytest.approx(float((scores["clean"] > middle).double().mean()))
-    assert attack["detection_rate"] == pytest.approx(float((scores["patched"] > middle).double().mean()))
+    def verdict_share(batch, threshold):  # the engine's verdict (changed top-1, score, removal check)
+        return float(np.mean([r.attacked for r in engine.run([Request(image=x, task="defend", method="lgs", lam=3.5,
+                                                                      attack_threshold=threshold) for x in batch])]))
+
+    assert lgs["clean_flagged"] == pytest.approx(verdict_share(images, middle))
+    assert attack["detection_rate"] == pytest.approx(verdict_share(patched, middle))
     fooled = rows[middle]["none"]["attacks"][spec.name]["undefended_success_rate"]
     assert fooled > 0 and attack["auroc_fooled"] is not None
     # Threshold 2: nothing is flagged, the final answer is the original one (what 'none' scores).
@@ -217,9 +222,11 @@ def test_attack_score_detector_and_final_predictions(pipeline):
     assert never["clean_final_accuracy"] == 1.0  # labels are the clean predictions
     assert never["attacks"][spec.name]["final_accuracy"] == rows[2.0]["none"]["attacks"][spec.name]["accuracy"]
     assert never["attacks"][spec.name]["final_restored_rate"] == 0
-    # Threshold 0: every image LGS changed at all is flagged, the final answer is the defended one.
+    # Threshold 0: every image whose top-1 LGS changed (and removal does not keep) is flagged, with the
+    # defended answer; the others keep theirs, which LGS did not change either.
     always = rows[0.0]["lgs"]
-    assert always["attacks"][spec.name]["detection_rate"] == 1.0
+    assert always["attacks"][spec.name]["detection_rate"] == pytest.approx(verdict_share(patched, 0.0))
+    assert always["attacks"][spec.name]["detection_rate"] > 0
     assert always["clean_final_accuracy"] == always["clean_accuracy"]
     assert always["attacks"][spec.name]["final_accuracy"] == always["attacks"][spec.name]["accuracy"]
     assert always["attacks"][spec.name]["final_restored_rate"] == always["attacks"][spec.name]["restored_rate"]

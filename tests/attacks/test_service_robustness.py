@@ -81,7 +81,8 @@ def test_figures_through_http_equal_the_in_process_evaluation(tmp_path, monkeypa
     lgs = json.loads(decided.read_text())["rows"]["lgs"]
     per_image = lgs["per_image"]
     assert lgs["attack_threshold"] == 0.3 and "afterwards" in lgs["decided_by"]
-    assert per_image["attacked"] == [score > 0.3 for score in per_image["score"]]
+    assert per_image["attacked"] == [score > 0.3 and d != o and r != o for score, o, d, r in zip(
+        per_image["score"], per_image["original"], per_image["defended"], per_image["removal"])]
     assert per_image["final"] == [d if a else o for o, d, a in zip(per_image["original"], per_image["defended"],
                                                                    per_image["attacked"])]
     assert lgs["whole_photos"]["flagged"]["total"] == 8
@@ -96,7 +97,8 @@ def test_figures_through_http_equal_the_in_process_evaluation(tmp_path, monkeypa
         http = report["rows"][row["method"]]
         row["attacks"] = {"patch.png": next(iter(row["attacks"].values()))}
         assert _close(_comparable(http), _comparable(row)), row["method"]
-        assert http["clean_flagged"] is None and http["attack_threshold"] is None  # random weights: uncalibrated
+        # random weights: uncalibrated; a changed top-1 is undecided, an unchanged one ('none') never attacked
+        assert http["attack_threshold"] is None and http["clean_flagged"] == (0.0 if row["method"] == "none" else None)
     assert report["rows"]["none"]["attacks"]["patch.png"]["auroc"] == 0.5
     assert report["rows"]["none"]["attacks"]["patch.png"]["by_confidence"]["all"]["fooled"]["count"] >= 3
     assert report["rows"]["lgs"]["attacks"]["patch.png"]["auroc_fooled"] is not None
