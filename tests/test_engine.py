@@ -152,7 +152,8 @@ def test_attack_score_decision_and_final_predictions(photos):
                              entries=(ThresholdEntry("lgs", 3.5, None, score / 2),))
     (flagged,) = Engine(model, thresholds=below).run([Request(image=x, method="lgs", lam=3.5)])
     assert flagged.attacked is True and flagged.attack_threshold == score / 2 and flagged.stages[0].flagged is True
-    assert flagged.final_predictions == flagged.defended_predictions
+    # attacked: the answer with the suspect removed outright (its top-1 is the removal check's)
+    assert flagged.final_predictions[0] == flagged.removal_prediction != flagged.predictions[0]
     (kept,) = Engine(model, thresholds=below).run([Request(image=x, method="lgs", lam=3.5, attack_threshold=2.0)])
     assert kept.attacked is False and kept.final_predictions == kept.predictions
     (unchanged,) = Engine(model).run([Request(image=photos["chelsea"], method="lgs", lam=10.0)])

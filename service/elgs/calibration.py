@@ -109,6 +109,12 @@ class CleanViews:
     removal: torch.Tensor
     kinds: list[str]
 
+    def verdict_scores(self) -> torch.Tensor:
+        """Each image's score where the verdict could call it attacked at some threshold (changed top-1, removal
+        check failed), else 0: the verdict is attacked exactly where this is above the threshold."""
+        could = verdicts(self.original, self.defended, self.scores, -1.0, self.removal)[1]
+        return torch.where(could, self.scores, torch.zeros_like(self.scores))
+
     def attacked(self, threshold: float) -> torch.Tensor:
         """The engine's verdict at ``threshold`` for each image (:func:`elgs.engine.verdicts`), (N,) bool."""
         return verdicts(self.original, self.defended, self.scores, threshold, self.removal)[1]
@@ -176,20 +182,22 @@ def clean_scores(model: LoadedModel, chunks: Iterable[Chunk], settings: Sequence
     return {s: views.scores for s, views in clean_views(model, chunks, settings, threshold).items()}
 
 
-def calibrate(model: LoadedModel, chunks: Iterable[Chunk], *, fpr: float = 0.05,
+def calibrate(model: LoadedModel, chunks: Iterable[Chunk], *, fpr: float = 0.05, verdict_fpr: float = 0.01,
               methods: Sequence[str] = DEFAULT_METHODS, lambdas: Sequence[float] = DEFAULT_LAMBDAS,
               saliencies: Sequence[str] = (), data: str = "") -> AttackThresholds:
     """Thresholds of ``model`` at false-positive rate ``fpr`` from clean images.
 
     The threshold is the score that at most ``fpr`` of the clean images exceed (``clean_flagged``: how many
-    do); each entry also records the share of clean images the full verdict (changed top-1, score, removal
+    do), raised where needed until the full verdict calls at most ``verdict_fpr`` of them attacked; each
+    entry also records the share of clean images the full verdict (changed top-1, score, removal
     check) calls attacked, overall (``false_positive_rate``) and per kind of image (``false_positive_by_kind``).
 
     Returns:
         :class:`~elgs.thresholds.AttackThresholds` ready for :func:`elgs.thresholds.write_calibration`.
     """
-    if not 0 <= fpr < 1:
-        raise ValueError(f"fpr must be in [0, 1), got {fpr}")
+    for name, value in (("fpr", fpr), ("verdict_fpr", verdict_fpr)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
     settings = settings_for(model, methods, lambdas, saliencies)
     views = clean_views(model, chunks, settings)
     images = next(iter(views.values())).scores.numel() if views else 0
@@ -197,11 +205,12 @@ def calibrate(model: LoadedModel, chunks: Iterable[Chunk], *, fpr: float = 0.05,
         raise ValueError("no images to calibrate on")
     entries = []
     for setting, clean in views.items():
-        threshold = threshold_at_fpr(clean.scores, fpr)
+        threshold = max(threshold_at_fpr(clean.scores, fpr), threshold_at_fpr(clean.verdict_scores(), verdict_fpr))
         entries.append(ThresholdEntry(method=setting.method, lam=setting.lam, saliency=setting.saliency,
                                       threshold=threshold,
                                       clean_flagged=round(float((clean.scores > threshold).float().mean()), 6),
                                       false_positive_rate=round(float(clean.attacked(threshold).float().mean()), 6),
                                       false_positive_by_kind=clean.flagged_by_kind(threshold)))
-    return AttackThresholds(model=model.name, input_size=model.input_size, fpr=fpr, images=images, data=data,
+    return AttackThresholds(model=model.name, input_size=model.input_size, fpr=fpr, verdict_fpr=verdict_fpr,
+                            images=images, data=data,
                             entries=tuple(entries), default_saliency=parse_saliency(model.spec.default_saliency).spec)

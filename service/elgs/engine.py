@@ -141,7 +141,8 @@ class Result:
         attack_score: L1 distance between the softmax vectors of pass 1 and pass 2, in [0, 2] (``defend``).
         attack_threshold: the threshold ``attacked`` was decided with (None: not calibrated).
         attacked: the verdict (:func:`judge`); None when it needed a threshold and there is none.
-        final_predictions: the defended top-5 when attacked (or undecided), else the original top-5.
+        final_predictions: the original top-5 unless attacked; when attacked, the top-5 with the suspect
+            removed (gradient defences; the defended top-5 for the filters); when undecided, the defended top-5.
         removal_prediction: top-1 with the suspected patch removed outright (gradient defences), which
             the verdict checks the original answer against.
         stages: every defence view the request computed, in order (a cascade: screen, then strong).
@@ -560,27 +561,27 @@ class Engine:
         defended_logits, removal_logits = second_pass(self.model, defended)
         scores = attack_scores(first.logits[index], defended_logits).tolist()
         defended_top = self.top_k(defended_logits)
-        removal_top1 = dict(zip(defended.removal_rows, (top[0] for top in self.top_k(removal_logits))))
+        removal_top = dict(zip(defended.removal_rows, self.top_k(removal_logits)))
         timing["pass2"] = (time.perf_counter() - started) * 1000
         images, masks = defended.images.cpu(), defended.masks.cpu()
         for p, i in enumerate(rows):
             result = results[i]
             result.image, result.mask = images[p], masks[p]
-            self._judge(chosen[p], result, defended_top[p], scores[p], removal_top1.get(p))
+            self._judge(chosen[p], result, defended_top[p], scores[p], removal_top.get(p))
 
     def _judge(self, request: Request, result: Result, defended: list[Prediction], score: float,
-               removal: Prediction | None) -> None:
+               removal: list[Prediction] | None) -> None:
         """Fill one defend result's verdict fields from its views (:func:`judge`)."""
         defense = stage_defense(request)
         threshold = self.attack_threshold(request, defense)
         flagged, attacked = judge(result.predictions[0].index, defended[0].index, score, threshold,
-                                  None if removal is None else removal.index)
+                                  None if removal is None else removal[0].index)
         stage = Stage(method=defense.name, lam=request.lam, attack_score=score, attack_threshold=threshold,
                       flagged=flagged, predictions=defended)
         result.defended_predictions, result.lam, result.threshold = defended, request.lam, request.threshold
         result.attack_score, result.attack_threshold = score, threshold
         result.stages = [request.screen, stage] if request.screen is not None else [stage]
-        result.removal_prediction = removal
+        result.removal_prediction = None if removal is None else removal[0]
         cascade = get_defense(request.method)
         if cascade.escalates_to is not None:
             result.path = "strong" if request.screen is not None else "screen"
@@ -589,4 +590,10 @@ class Engine:
                 if flagged is not False:  # flagged, or changed without a threshold: the strong stage decides
                     result.escalate = replace(request, screen=stage)
         result.attacked = attacked
-        result.final_predictions = result.predictions if attacked is False else defended
+        # Attacked: the answer with the suspect removed outright, where there is one. It beat the smoothed
+        # view on fooled crops (docs/attacks.md, section 7) and no patch pixel reaches it, so a patch trained
+        # through the smoothing cannot steer it either.
+        if attacked is False:
+            result.final_predictions = result.predictions
+        else:
+            result.final_predictions = removal if attacked and removal is not None else defended

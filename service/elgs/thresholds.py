@@ -76,7 +76,8 @@ class AttackThresholds:
     Attributes:
         model: model name.
         input_size: the input size they were calibrated at.
-        fpr: the false-positive rate asked for.
+        fpr: the false-positive rate of the score asked for.
+        verdict_fpr: the false-positive rate of the full verdict asked for (None: not asked).
         images: how many clean images were used.
         data: where the images came from (for humans).
         entries: the thresholds.
@@ -89,6 +90,7 @@ class AttackThresholds:
     images: int
     data: str
     entries: tuple[ThresholdEntry, ...] = ()
+    verdict_fpr: float | None = None
     default_saliency: str | None = None
     source: str = field(default="", compare=False)
 
@@ -131,6 +133,7 @@ class AttackThresholds:
             entries = tuple(ThresholdEntry(**entry) for entry in data.get("entries", []))
             return cls(model=model, input_size=int(data["input_size"]), fpr=float(data["fpr"]),
                        images=int(data.get("images", 0)), data=str(data.get("data", "")), entries=entries,
+                       verdict_fpr=data.get("verdict_fpr"),
                        default_saliency=data.get("default_saliency"), source=source)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"calibration for {model!r} in {source or 'the file'} is malformed: {error}") from error

@@ -112,7 +112,7 @@ def test_defend_attack_threshold_decides_and_picks_final_predictions(client):
     flagged = client.post("/defend/lgs", params={"lambda": 3.5, "attack_threshold": 0}, files=astronaut).json()
     assert flagged["predictions"][0]["index"] != flagged["original_predictions"][0]["index"]
     assert flagged["attack_score"] > 0 and flagged["attack_threshold"] == 0 and flagged["attacked"] is True
-    assert flagged["final_predictions"] == flagged["predictions"]
+    assert flagged["final_predictions"][0] == flagged["removal_top1"]  # attacked: the suspect removed outright
     kept = client.post("/defend/lgs", params={"lambda": 3.5, "attack_threshold": 2}, files=astronaut).json()
     assert kept["attacked"] is False and kept["final_predictions"] == kept["original_predictions"]
     assert kept["attack_score"] == flagged["attack_score"]

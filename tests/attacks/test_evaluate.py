@@ -222,14 +222,15 @@ def test_attack_score_detector_and_final_predictions(pipeline):
     assert never["clean_final_accuracy"] == 1.0  # labels are the clean predictions
     assert never["attacks"][spec.name]["final_accuracy"] == rows[2.0]["none"]["attacks"][spec.name]["accuracy"]
     assert never["attacks"][spec.name]["final_restored_rate"] == 0
-    # Threshold 0: every image whose top-1 LGS changed (and removal does not keep) is flagged, with the
-    # defended answer; the others keep theirs, which LGS did not change either.
+    # Threshold 0: every image whose top-1 LGS changed (and removal does not keep) is flagged, answered by the
+    # removal view; the others keep their own answer. The report's figures are the engine's.
     always = rows[0.0]["lgs"]
     assert always["attacks"][spec.name]["detection_rate"] == pytest.approx(verdict_share(patched, 0.0))
     assert always["attacks"][spec.name]["detection_rate"] > 0
-    assert always["clean_final_accuracy"] == always["clean_accuracy"]
-    assert always["attacks"][spec.name]["final_accuracy"] == always["attacks"][spec.name]["accuracy"]
-    assert always["attacks"][spec.name]["final_restored_rate"] == always["attacks"][spec.name]["restored_rate"]
+    for batch, final_accuracy in ((images, always["clean_final_accuracy"]),
+                                  (patched, always["attacks"][spec.name]["final_accuracy"])):
+        at_zero = run_engine(engine, batch, "lgs", 3.5, 0.2, 4, attack_threshold=0.0).records
+        assert final_accuracy == pytest.approx(float((at_zero.final == labels.numpy()).mean()))
     # The flags and final answers derived in the report are the engine's own.
     served = run_engine(engine, patched, "lgs", 3.5, 0.2, 4, attack_threshold=middle).records
     assert attack["detection_rate"] == pytest.approx(float(served.attacked.mean()))

@@ -83,8 +83,8 @@ def test_figures_through_http_equal_the_in_process_evaluation(tmp_path, monkeypa
     assert lgs["attack_threshold"] == 0.3 and "afterwards" in lgs["decided_by"]
     assert per_image["attacked"] == [score > 0.3 and d != o and r != o for score, o, d, r in zip(
         per_image["score"], per_image["original"], per_image["defended"], per_image["removal"])]
-    assert per_image["final"] == [d if a else o for o, d, a in zip(per_image["original"], per_image["defended"],
-                                                                   per_image["attacked"])]
+    assert per_image["final"] == [(r if r != -1 else d) if a else o for o, d, r, a in zip(
+        per_image["original"], per_image["defended"], per_image["removal"], per_image["attacked"])]
     assert lgs["whole_photos"]["flagged"]["total"] == 8
     assert report["rows"]["lgs"]["decided_by"] == "the service"
     assert report["rows"]["lgs"]["images_per_second"] > 0 and report["rows"]["lgs"]["requests"] == 2 * 6 + 8

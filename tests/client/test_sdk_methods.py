@@ -119,7 +119,7 @@ def test_defend_saliency_and_attack_verdict_equal_the_engine(sync_client, photo_
     assert result.attack_score == pytest.approx(expected.attack_score, abs=1e-5) and result.attack_score > 0
     assert result.attack_threshold == 0 and result.attacked is expected.attacked is not None
     assert_same_predictions(result.final_predictions, expected.final_predictions)
-    assert result.final_top1 == (result.predictions[0] if result.attacked else result.original_predictions[0])
+    assert result.final_top1 == (result.removal_top1 if result.attacked else result.original_predictions[0])
     assert [stage.method for stage in result.stages] == ["wlgs"] and result.stages[0].attack_score == result.attack_score
     assert result.removal_top1.index == expected.removal_prediction.index
     kept = sync_client.defend(photo_png, method="lgs", attack_threshold=2.0)

@@ -103,7 +103,8 @@ class Records:
     def decided_at(self, threshold: float | None) -> Records:
         """The records re-decided at ``threshold`` with the engine's verdict (:func:`elgs.engine.verdicts`:
         changed top-1, score above ``threshold``, original not surviving the removal check) and ``final`` the
-        defended answer when attacked, else the original. The rule of one round (lgs, slgs, wlgs, the
+        answer with the suspect removed when attacked (the defended one without a removal check), else the
+        original. The rule of one round (lgs, slgs, wlgs, the
         filters; for ``auto``, its strong stage's: a re-decided screen is not modelled). None: a changed
         top-1 is undecided (``final`` the defended answer), an unchanged one is not attacked."""
         changed = self.defended != self.original
@@ -113,7 +114,10 @@ class Records:
         _, flags = verdicts(torch.from_numpy(self.original), torch.from_numpy(self.defended),
                             torch.from_numpy(self.score), threshold, removal)
         flags = flags.numpy()
-        return replace(self, attacked=flags, final=np.where(flags, self.defended, self.original))
+        # attacked: the answer with the suspect removed (the engine's final), where there was a removal check
+        answer = self.defended if self.removal is None else np.where(self.removal != NO_REMOVAL, self.removal,
+                                                                      self.defended)
+        return replace(self, attacked=flags, final=np.where(flags, answer, self.original))
 
     def to_dict(self) -> dict:
         """JSON-ready lists."""

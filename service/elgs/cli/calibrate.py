@@ -42,6 +42,8 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[list[Path], list[str],
         raise CommandError(f"--lambdas must lie in [{LAMBDA_RANGE[0]:g}, {LAMBDA_RANGE[1]:g}], got {args.lambdas}")
     if not 0 <= args.fpr < 1:
         raise CommandError(f"--fpr must be in [0, 1), got {args.fpr}")
+    if not 0 <= args.verdict_fpr < 1:
+        raise CommandError(f"--verdict-fpr must be in [0, 1), got {args.verdict_fpr}")
     default_saliency = MODELS[args.model].default_saliency
     for spec in args.saliency or ():
         try:
@@ -91,7 +93,8 @@ def _calibrate(args: argparse.Namespace) -> int:
             yield torch.stack(batch), kinds[start : start + args.batch_size]
 
     try:
-        thresholds = calibrate(model, chunks(), fpr=args.fpr, methods=methods, lambdas=lambdas,
+        thresholds = calibrate(model, chunks(), fpr=args.fpr, verdict_fpr=args.verdict_fpr, methods=methods,
+                               lambdas=lambdas,
                                saliencies=args.saliency or (), data=", ".join(str(f) for f in args.data))
     except ValueError as error:
         raise CommandError(str(error)) from None
@@ -122,7 +125,11 @@ def add_commands(subparsers) -> None:
                            help="folder of clean images (searched recursively); repeat it for several kinds of image "
                                 "(e.g. crops, whole photos as PNG, as JPEG): the false-positive rate is reported per "
                                 "folder; --limit applies to each")
-    calibrate.add_argument("--fpr", type=float, default=0.05, help="false-positive rate on clean images (0.05)")
+    calibrate.add_argument("--fpr", type=float, default=0.05,
+                           help="share of clean images whose score may exceed the threshold (0.05)")
+    calibrate.add_argument("--verdict-fpr", type=float, default=0.01,
+                           help="share of clean images the full verdict (changed top-1, score, removal check) may "
+                                "call attacked; the threshold rises until it holds (0.01)")
     calibrate.add_argument("--methods", default="lgs,slgs,wlgs,jpeg,median,gaussian",
                            help="comma list of methods (default lgs,slgs,wlgs,jpeg,median,gaussian)")
     calibrate.add_argument("--lambdas", default="2.3,2.7,3.5",
