@@ -69,7 +69,8 @@ class Client(BaseClient):
             lam: smoothing factor in [0, 10]; None takes the model's default.
             threshold: gradient-map block threshold in [0, 1]; None takes 0.2.
             model: a loaded model's name; None takes the server's first.
-            saliency: saliency estimator spec for slgs/wlgs (auto: its strong path), e.g. ``"smoothgrad:n=4,sigma=0.2,rectify=true"``
+            saliency: saliency estimator spec for slgs/wlgs (auto: its strong path), e.g.
+                ``"smoothgrad:n=4,sigma=0.2,rectify=true"``
                 (``GET /defenses`` lists them); None takes the model's default.
             attack_threshold: attack-score threshold in [0, 2] deciding ``attacked``; None takes the
                 model's calibrated one.

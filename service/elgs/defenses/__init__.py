@@ -44,6 +44,6 @@ __all__ = [
     "DEFAULT_THRESHOLD", "DEFENSES", "LAMBDA_RANGE", "THRESHOLD_RANGE", "Defense", "DefenseInput",
     "DefenseOutput", "block_filter", "defense_names", "dilate", "erode", "gaussian", "get_defense", "jpeg",
     "lgs", "lgs_mask", "local_gradient_map", "median", "minmax_normalize", "register", "saliency_from_loss",
-    "saliency_region", "slgs", "slgs_mask", "smooth", "sobel_magnitude", "suppression", "topk_loss",
+    "saliency_region", "slgs", "slgs_mask", "smooth", "smooth_pixels", "sobel_magnitude", "suppression", "topk_loss",
     "topk_saliency", "wlgs", "wlgs_mask",
 ]
