@@ -43,6 +43,7 @@ from elgs.defenses import (
     saliency_region,
     smooth_pixels,
 )
+from elgs.errors import ServiceError
 from elgs.models import LoadedModel
 from elgs.thresholds import SCORE_RANGE, AttackThresholds, load_thresholds
 
@@ -50,15 +51,19 @@ Task = Literal["classify", "defend", "saliency"]
 TOP_K = 5
 
 
-class UnknownMethodError(KeyError):
+class UnknownMethodError(ServiceError, KeyError):
     """The requested defence is not registered."""
+
+    status = 404
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise
         return str(self.args[0])
 
 
-class InvalidParameterError(ValueError):
+class InvalidParameterError(ServiceError, ValueError):
     """A request parameter is out of its range."""
+
+    status = 422
 
 
 @dataclass(frozen=True)

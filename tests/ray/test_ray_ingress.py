@@ -138,13 +138,14 @@ async def test_a_client_leaving_cancels_the_call_in_the_replica():
     InvalidParameterError("lambda must be a number in [0, 10], got 11.0"),
 ], ids=lambda error: type(error).__name__)
 def test_replica_errors_cross_as_values_and_come_back_the_same(error):
-    outcome = error_outcome(error)
-    assert pickle.loads(pickle.dumps(outcome)) == outcome  # plain values: no custom exception crosses Ray
+    """A service error crosses Ray whole (elgs.errors.ServiceError pickles without calling __init__ again)."""
+    crossed = pickle.loads(pickle.dumps(error_outcome(error)))
     with pytest.raises(type(error)) as raised:
-        raise_outcome_error(outcome)
-    assert str(raised.value) == str(error)
+        raise_outcome_error(crossed)
+    assert str(raised.value) == str(error) and raised.value.__dict__ == error.__dict__
+    assert (raised.value.status, raised.value.retry_after_s) == (error.status, error.retry_after_s)
     if isinstance(error, QueueFullError):
-        assert raised.value.retry_after_s == 3
+        assert raised.value.retry_after_s == 3 and raised.value.model == "tiny"
 
 
 def test_other_replica_errors_are_internal():

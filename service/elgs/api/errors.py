@@ -16,11 +16,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from elgs.api.inference import ClientDisconnectedError
-from elgs.api.middleware import internal_error_response, queue_full_response, request_id
+from elgs.api.middleware import (
+    describe_service_error,
+    internal_error_response,
+    request_id,
+    service_error_response,
+)
 from elgs.api.sanitize import client_values, quote_client_text, sanitize_detail
-from elgs.api.state import ModelNotLoadedError
-from elgs.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
-from elgs.engine import InvalidParameterError, UnknownMethodError
+from elgs.errors import ServiceError
 from elgs.images import ImageDecodeError, ImageTooLargeError
 
 logger = logging.getLogger("elgs.api")
@@ -104,24 +107,11 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     return _json(422, format_validation_errors(error.errors()))
 
 
-async def _queue_full(request: Request, error: QueueFullError | BatcherClosedError) -> JSONResponse:
-    return queue_full_response(error)
-
-
-async def _deadline(request: Request, error: DeadlineExceededError) -> JSONResponse:
-    return _json(504, str(error), request=request)
-
-
-async def _unknown_method(request: Request, error: UnknownMethodError) -> JSONResponse:
-    return _json(404, str(error.args[0]) if error.args else str(error), request=request)
-
-
-async def _model_not_loaded(request: Request, error: ModelNotLoadedError) -> JSONResponse:
-    return _json(404, str(error.args[0]), request=request)
-
-
-async def _invalid_parameter(request: Request, error: InvalidParameterError) -> JSONResponse:
-    return _json(422, str(error), request=request)
+async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
+    """Every refusal of the service's own (:class:`elgs.errors.ServiceError`): its status, its message with any
+    value of the request quoted at most in part, and its ``Retry-After``."""
+    values = client_values(request.path_params, request.query_params.multi_items())
+    return service_error_response(error, sanitize_detail(describe_service_error(error), values))
 
 
 async def _too_large(request: Request, error: ImageTooLargeError) -> JSONResponse:
@@ -166,12 +156,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(QueueFullError, _queue_full)
-    app.add_exception_handler(BatcherClosedError, _queue_full)
-    app.add_exception_handler(DeadlineExceededError, _deadline)
-    app.add_exception_handler(UnknownMethodError, _unknown_method)
-    app.add_exception_handler(ModelNotLoadedError, _model_not_loaded)
-    app.add_exception_handler(InvalidParameterError, _invalid_parameter)
+    app.add_exception_handler(ServiceError, _service_error)  # 404, 422, 503, 504: each error says which
     app.add_exception_handler(ImageTooLargeError, _too_large)
     app.add_exception_handler(ImageDecodeError, _undecodable)
     app.add_exception_handler(ClientDisconnectedError, _client_gone)

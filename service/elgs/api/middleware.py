@@ -23,6 +23,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from elgs.batcher import BatcherClosedError, QueueFullError, Reservation
+from elgs.errors import ServiceError
 
 logger = logging.getLogger("elgs.api")
 
@@ -158,12 +159,19 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
 
-def queue_full_response(error: QueueFullError | BatcherClosedError) -> JSONResponse:
-    """503 with an honest ``Retry-After``."""
-    if isinstance(error, QueueFullError):
-        return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": str(error.retry_after_s)})
-    return JSONResponse({"detail": f"{error}; retry on another replica or in a moment"}, status_code=503,
-                        headers={"Retry-After": "1"})
+def describe_service_error(error: ServiceError) -> str:
+    """A refusal's message for the client (a KeyError-based one without the quotes ``str`` adds)."""
+    detail = str(error.args[0]) if error.args else type(error).__name__
+    if isinstance(error, BatcherClosedError):
+        detail += "; retry on another replica or in a moment"
+    return detail
+
+
+def service_error_response(error: ServiceError, detail: str | None = None) -> JSONResponse:
+    """``{"detail": ...}`` with the error's status and, when it has one, an honest ``Retry-After``."""
+    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+    detail = describe_service_error(error) if detail is None else detail
+    return JSONResponse({"detail": detail}, status_code=error.status, headers=headers)
 
 
 class AdmissionMiddleware:
@@ -201,7 +209,7 @@ class AdmissionMiddleware:
         except (QueueFullError, BatcherClosedError) as error:
             # No "Connection: close": uvicorn discards the unread body itself, and a client still
             # sending it would read a reset instead of this answer.
-            await queue_full_response(error)(scope, receive, send)
+            await service_error_response(error)(scope, receive, send)
             return
         scope[RESERVATION_KEY] = reservation
         try:

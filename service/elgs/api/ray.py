@@ -46,7 +46,11 @@ from fastapi import FastAPI
 from prometheus_client import Counter
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -56,7 +60,8 @@ from elgs.api.ray_gate import DeploymentGate, GateTicket
 from elgs.api.settings import Settings
 from elgs.api.state import RuntimeLookup, ServiceState
 from elgs.batcher import BatcherClosedError, DeadlineExceededError, QueueFullError
-from elgs.engine import InvalidParameterError, Request, Result, UnknownMethodError
+from elgs.engine import Request, Result
+from elgs.errors import ServiceError
 
 logger = logging.getLogger("elgs.api")
 
@@ -106,36 +111,23 @@ class RayBatcherMetrics(BatcherMetricHooks):
             metric.inc(value, tags=tags)
 
 
-# Errors a model replica returns as values: a user exception raised in a replica reaches the caller
-# wrapped in a RayTaskError, and the batcher's errors do not survive pickling (custom __init__).
-_ERROR_KINDS: dict[type[Exception], str] = {
-    QueueFullError: "queue_full", DeadlineExceededError: "deadline", BatcherClosedError: "closed",
-    UnknownMethodError: "unknown_method", InvalidParameterError: "invalid_parameter",
-}
+# A model replica returns its errors as values: a user exception raised in a replica reaches the caller
+# wrapped in a RayTaskError. The service's own (elgs.errors.ServiceError: status, Retry-After) pickle whole.
 
 
 def error_outcome(error: Exception) -> dict[str, Any]:
-    """What :meth:`ModelReplica.submit` returns for ``error``; :func:`raise_outcome_error` raises it again."""
-    kind = next((kind for cls, kind in _ERROR_KINDS.items() if isinstance(error, cls)), "internal")
-    message = str(error) if kind != "internal" else f"{type(error).__name__}: {error}"
-    outcome = {"error": kind, "message": message}
-    if isinstance(error, QueueFullError):  # its constructor's arguments: the reason without "; retry in N s"
-        reason = message.removesuffix(f"; retry in {error.retry_after_s} s")
-        outcome.update(model=error.model, retry_after_s=error.retry_after_s, reason=reason)
-    return outcome
+    """What :meth:`ModelReplica.submit` returns for ``error``; :func:`raise_outcome_error` raises it again: a
+    :class:`~elgs.errors.ServiceError` as itself, any other as an internal error with its message."""
+    if isinstance(error, ServiceError):
+        return {"error": error}
+    return {"error": "internal", "message": f"{type(error).__name__}: {error}"}
 
 
 def raise_outcome_error(outcome: Mapping[str, Any]) -> None:
     """Raise the ingress-side exception for an error outcome (the app's handlers map it to its status)."""
-    kind, message = outcome["error"], outcome["message"]
-    if kind == "queue_full":
-        raise QueueFullError(outcome["model"], 0, outcome["retry_after_s"], reason=outcome["reason"])
-    errors: dict[str, Callable[[str], Exception]] = {
-        "deadline": DeadlineExceededError, "closed": BatcherClosedError, "unknown_method": UnknownMethodError,
-        "invalid_parameter": InvalidParameterError}
-    if kind in errors:
-        raise errors[kind](message)
-    raise RuntimeError(f"the model replica failed: {message}")
+    if isinstance(outcome["error"], ServiceError):
+        raise outcome["error"]
+    raise RuntimeError(f"the model replica failed: {outcome['message']}")
 
 
 class ModelReplica:
@@ -349,7 +341,7 @@ class RemoteBatcher:
                     raise self.gate.no_replica_error() from None
                 self.gate.resend(ticket)
                 continue
-            if outcome.get("error") == "closed":  # a replica draining for shutdown: another one answers
+            if isinstance(outcome.get("error"), BatcherClosedError):  # a replica draining: another one answers
                 await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
                 self.gate.resend(ticket)
                 continue

@@ -21,14 +21,17 @@ from elgs.api.settings import Settings
 from elgs.batcher import Batcher
 from elgs.compute import ComputeThread
 from elgs.engine import Engine, Request, Result
+from elgs.errors import ServiceError
 from elgs.models import LoadedModel, load_model
 
 logger = logging.getLogger("elgs.api")
 R = TypeVar("R")
 
 
-class ModelNotLoadedError(LookupError):
+class ModelNotLoadedError(ServiceError, LookupError):
     """A request named a model this server did not load (HTTP 404)."""
+
+    status = 404
 
 
 # The backend contract (issue 16): what the routers, the middleware and the health probes use of a service.
