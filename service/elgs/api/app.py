@@ -48,26 +48,10 @@ and these docs stay open.
 """
 
 
-def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None, *,
-               service_factory: ServiceFactory | None = None) -> FastAPI:
-    """Build the service.
-
-    Args:
-        settings: defaults to :class:`Settings` read from the ``ELGS_*`` environment.
-        models: already loaded models to serve (tests pass a tiny CNN); by default the lifespan loads
-            ``settings.models`` from the zoo.
-        service_factory: another backend for the same routers: ``await service_factory(settings, metrics)``
-            returns a started :class:`~elgs.api.state.ServiceBackend` (Ray Serve: :mod:`elgs.api.ray`);
-            by default the models run in this process.
-
-    Returns:
-        The FastAPI app; its lifespan loads and warms up the models and shuts the batchers down.
-    """
-    settings = settings or Settings()
-    if service_factory is None:
-        tune_allocator(settings.malloc_tuning)  # before the server's threads allocate (elgs.compute)
-    service_metrics = ServiceMetrics()
-
+def _lifespan(settings: Settings, service_metrics: ServiceMetrics, models: Sequence[LoadedModel] | None,
+              service_factory: ServiceFactory | None):
+    """The app's lifespan: start the service (load, place and warm up the models, or the factory's backend)
+    and the decode pool before serving; close both after."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service: ServiceBackend
@@ -92,6 +76,31 @@ def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] |
             app.state.service = None
             await service.close()
             app.state.decoder.close()
+
+    return lifespan
+
+
+def create_app(settings: Settings | None = None, models: Sequence[LoadedModel] | None = None, *,
+               service_factory: ServiceFactory | None = None) -> FastAPI:
+    """Build the service.
+
+    Args:
+        settings: defaults to :class:`Settings` read from the ``ELGS_*`` environment.
+        models: already loaded models to serve (tests pass a tiny CNN); by default the lifespan loads
+            ``settings.models`` from the zoo.
+        service_factory: another backend for the same routers: ``await service_factory(settings, metrics)``
+            returns a started :class:`~elgs.api.state.ServiceBackend` (Ray Serve: :mod:`elgs.api.ray`);
+            by default the models run in this process.
+
+    Returns:
+        The FastAPI app; its lifespan loads and warms up the models and shuts the batchers down.
+    """
+    settings = settings or Settings()
+    if service_factory is None:
+        tune_allocator(settings.malloc_tuning)  # before the server's threads allocate (elgs.compute)
+    service_metrics = ServiceMetrics()
+
+    lifespan = _lifespan(settings, service_metrics, models, service_factory)
 
     from elgs import __version__
 
