@@ -1,3 +1,4 @@
+import contextlib
 import pickle
 
 import pytest
@@ -7,9 +8,15 @@ from torch import nn
 from elgs.engine import Engine, Request
 from elgs.images import image_to_tensor, sample_photo
 from elgs.models import MODELS, ModelSpec, WeightsUnavailableError, get_model_spec, load_model
-from elgs.models import registry as model_registry
 
 CAT_CLASSES = {"Egyptian cat", "tabby", "tiger cat"}
+
+
+@pytest.fixture
+def register_model():
+    """Register specs for one test only (the zoo is a :class:`~elgs.registry.Registry`)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda spec: stack.enter_context(MODELS.temporarily(spec))
 
 
 def test_zoo_entries_carry_their_config():
@@ -31,14 +38,14 @@ def test_offline_refusal_names_file_and_three_ways(tmp_path, monkeypatch):
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in message and "elgs models fetch vgg16" in message
 
 
-def test_local_weights_file_loaded_with_weights_only(tmp_path, monkeypatch):
+def test_local_weights_file_loaded_with_weights_only(tmp_path, monkeypatch, register_model):
     torch.manual_seed(0)
     reference = nn.Linear(4, 3)
     torch.save(reference.state_dict(), tmp_path / "tiny-weights.pth")
     spec = ModelSpec(name="tiny_linear", summary="test", input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
                      default_lambda=1.0, weights_source="test", weights_file="tiny-weights.pth",
                      build=lambda state: _linear_with(state))
-    monkeypatch.setitem(model_registry.MODELS, "tiny_linear", spec)
+    register_model(spec)
     loaded = load_model("tiny_linear", device="cpu", weights_dir=tmp_path)
     torch.testing.assert_close(loaded.module.weight, reference.weight)
     assert loaded.weights == "pretrained" and not loaded.module.weight.requires_grad and not loaded.module.training
@@ -62,7 +69,7 @@ def _linear_with(state):
     return layer
 
 
-def test_pickled_objects_are_refused(tmp_path, monkeypatch):
+def test_pickled_objects_are_refused(tmp_path, monkeypatch, register_model):
     class Evil:
         def __reduce__(self):
             return (print, ("executed",))
@@ -70,7 +77,7 @@ def test_pickled_objects_are_refused(tmp_path, monkeypatch):
     torch.save({"weight": Evil()}, tmp_path / "tiny-weights.pth")
     spec = ModelSpec(name="tiny_evil", summary="test", input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
                      default_lambda=1.0, weights_source="test", weights_file="tiny-weights.pth", build=_linear_with)
-    monkeypatch.setitem(model_registry.MODELS, "tiny_evil", spec)
+    register_model(spec)
     with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only load failed|Unsupported global"):
         load_model("tiny_evil", device="cpu", weights_dir=tmp_path)
 

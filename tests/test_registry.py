@@ -26,6 +26,9 @@ def test_register_find_names_and_mapping_view():
         tools.register(_Tool("saw"))
     with pytest.raises(KeyError, match="unknown tool 'hammer'; choose one of saw, file"):
         tools.find("hammer")
+    with tools.temporarily(_Tool("hammer")) as hammer:
+        assert tools.find("hammer") is hammer and tools.names() == ["saw", "file", "hammer"]
+    assert tools.names() == ["saw", "file"]
 
 
 def test_the_three_registries_are_one_kind():

@@ -8,6 +8,7 @@ with a ``KeyError`` that lists the choices. Pure Python: the defences (which imp
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Generic, Protocol, TypeVar
 
 
@@ -46,6 +47,15 @@ class Registry(Mapping[str, T], Generic[T]):
             raise ValueError(f"{self.kind} {entry.name!r} is already registered")
         self._entries[entry.name] = entry
         return entry
+
+    @contextmanager
+    def temporarily(self, entry: T) -> Iterator[T]:
+        """``entry`` registered for the ``with`` block only (tests, experiments)."""
+        self.register(entry)
+        try:
+            yield entry
+        finally:
+            del self._entries[entry.name]
 
     def find(self, name: str) -> T:
         """The entry called ``name``; ``KeyError`` naming the choices otherwise."""
