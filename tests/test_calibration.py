@@ -106,3 +106,23 @@ def test_calibration_scores_are_the_engine_scores(photos):
     entry = next(e for e in thresholds.entries if e.lam == 5.0)
     assert entry.clean_flagged <= 0.25 and entry.threshold == pytest.approx(threshold_at_fpr(scores[Setting("lgs", 5.0, None)], 0.25))
     assert thresholds.images == 8 and thresholds.input_size == 32
+
+
+def test_create_app_reads_the_calibration_file_of_its_settings(tmp_path, monkeypatch):
+    """``create_app(Settings(calibration_file=F))`` judges with F, whatever the environment says."""
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    from elgs.api import create_app
+    from tests.api.helpers import photo_png, tiny_settings
+
+    monkeypatch.setenv("ELGS_CALIBRATION_FILE", str(tmp_path / "elsewhere.json"))  # not the one passed
+    calibration = write_calibration(tmp_path / "calibration.json", AttackThresholds(
+        model="tiny", input_size=32, fpr=0.05, images=8, data="test",
+        entries=(ThresholdEntry(method="lgs", lam=3.5, saliency=None, threshold=0.123),)))
+    model = dataclasses.replace(make_tiny_model(), weights="pretrained")  # random weights are never calibrated
+    with TestClient(create_app(tiny_settings(calibration_file=calibration), models=[model])) as client:
+        answer = client.post("/defend/lgs", params={"lambda": 3.5},
+                             files={"image": ("cat.png", photo_png("chelsea"), "image/png")}).json()
+    assert answer["attack_threshold"] == 0.123
