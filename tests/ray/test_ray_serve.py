@@ -153,10 +153,24 @@ def _assert_same_answer(ray_body: dict, local_body: dict, what: str) -> None:
             a, b = _png(ray_value), _png(local_value)
             assert a.shape == b.shape, f"{what}: {key}"
             assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.01, f"{what}: {key}"
-        elif isinstance(local_value, float):  # attack_score: two passes, each in another batch composition
-            np.testing.assert_allclose(ray_value, local_value, rtol=1e-4, atol=1e-4, err_msg=f"{what}: {key}")
-        else:
-            assert ray_value == local_value, f"{what}: {key}"
+        else:  # attack scores, probabilities (also inside stages, removal_top1): another batch composition
+            _assert_close(ray_value, local_value, f"{what}: {key}")
+
+
+def _assert_close(ray_value, local_value, what: str) -> None:
+    """Equal, floats to 1e-4 (relative or absolute), through dicts and lists."""
+    if isinstance(local_value, dict):
+        assert isinstance(ray_value, dict) and set(ray_value) == set(local_value), what
+        for key in local_value:
+            _assert_close(ray_value[key], local_value[key], f"{what}.{key}")
+    elif isinstance(local_value, list):
+        assert isinstance(ray_value, list) and len(ray_value) == len(local_value), what
+        for index, (ray_item, local_item) in enumerate(zip(ray_value, local_value)):
+            _assert_close(ray_item, local_item, f"{what}[{index}]")
+    elif isinstance(local_value, float):
+        np.testing.assert_allclose(ray_value, local_value, rtol=1e-4, atol=1e-4, err_msg=what)
+    else:
+        assert ray_value == local_value, what
 
 
 def test_forty_concurrent_mixed_requests_match_the_single_process_app(ray_url, local_url):
