@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from elgs.attacks.data import predict_labels
 from elgs.attacks.evaluate import (
     PatchSpec,
@@ -28,6 +27,8 @@ from elgs.attacks.patches import apply_patch, fixed_positions, square_mask
 from elgs.attacks.train import AttackConfig, save_patch, train_patch
 from elgs.engine import Engine, Request
 from elgs.images import SAMPLE_PHOTOS, image_to_tensor, sample_photo
+
+from tests.compare import nested_close
 
 
 def test_settings_expand_lambdas_only_where_used():
@@ -180,13 +181,7 @@ def test_bad_settings_fail_before_any_work(pipeline):
 
 
 def _close(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and isinstance(b, float):
-        return a == pytest.approx(b, rel=1e-5, abs=1e-6)
-    return a == b
+    return nested_close(a, b, rel=1e-5, abs=1e-6)
 
 
 def test_attack_score_detector_and_final_predictions(pipeline):

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
-from PIL import Image
-
 from elgs.attacks.data import PhotoVariant, predict_labels, whole_photos
 from elgs.attacks.evaluate import PatchSpec, evaluate
 from elgs.attacks.train import AttackConfig, save_patch, train_patch
@@ -16,7 +13,10 @@ from elgs.bench.robustness import paste
 from elgs.cli import main
 from elgs.images import SAMPLE_PHOTOS, image_to_tensor, sample_photo
 from elgs.thresholds import AttackThresholds, ThresholdEntry, write_calibration
+from PIL import Image
+
 from tests.api.helpers import LiveServer, tiny_settings
+from tests.compare import nested_close
 from tests.conftest import make_tiny_model
 
 PHOTOS = dict(photos=["chelsea", "coins"], variants=[PhotoVariant("native"), PhotoVariant("48px", long_side=48)])
@@ -41,13 +41,7 @@ def _comparable(row: dict) -> dict:
 
 
 def _close(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and isinstance(b, float):
-        return a == pytest.approx(b, rel=1e-4, abs=1e-5)
-    return a == b
+    return nested_close(a, b, rel=1e-4, abs=1e-5)
 
 
 def test_figures_through_http_equal_the_in_process_evaluation(tmp_path, monkeypatch):
