@@ -37,11 +37,11 @@ from elgs.defenses import (
     DefenseInput,
     PassOne,
     SaliencyConfig,
+    fill_with_own_mean,
     get_defense,
     parse_saliency,
     saliency_pass,
     saliency_region,
-    smooth_pixels,
 )
 from elgs.errors import ServiceError
 from elgs.models import LoadedModel
@@ -375,7 +375,8 @@ class DefendedBatch:
         images: defended images (D, 3, H, W) in [0, 1].
         masks: applied suppression (D, 1, H, W) in [0, 1].
         removal_rows: the rows that get the removal check (gradient defences, not a cascade's screen).
-        removal_images: those rows' images with the suspected patch replaced by the mean colour, (R, 3, H, W).
+        removal_images: those rows' images with the suspected patch replaced by each image's own mean colour
+            (:func:`~elgs.defenses.fill_with_own_mean`), (R, 3, H, W).
     """
 
     images: torch.Tensor
@@ -424,7 +425,7 @@ def defend(model: LoadedModel, x: torch.Tensor, requests: Sequence[Request],
                 has_removal[r] = checks_removal(requests[r])
     removal_rows = [r for r, flag in enumerate(has_removal) if flag]
     index = torch.tensor(removal_rows, device=x.device, dtype=torch.long)
-    removal_images = smooth_pixels(x[index], removal[index], model.mean.to(device=x.device, dtype=x.dtype))
+    removal_images = fill_with_own_mean(x[index], removal[index])
     return DefendedBatch(images=images, masks=masks, removal_rows=removal_rows, removal_images=removal_images)
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from elgs.defenses import smooth, suppression
+from elgs.defenses import fill_with_own_mean, smooth, suppression
 
 
 def test_smooth_hand_computed():
@@ -35,3 +35,40 @@ def test_suppression_clamped():
 def test_bad_lambda_shape_named():
     with pytest.raises(ValueError, match=r"lam must be a scalar or have shape \(2,\)"):
         smooth(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4), torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_fill_with_own_mean_hand_computed():
+    # one channel 2x2: kept pixels 0.2, 0.4, 0.9 -> mean 0.5 replaces the one pixel in the region
+    x = torch.tensor([[[[0.2, 0.4], [0.9, 1.0]]]])
+    region = torch.tensor([[[[0.0, 0.0], [0.0, 1.0]]]])
+    torch.testing.assert_close(fill_with_own_mean(x, region), torch.tensor([[[[0.2, 0.4], [0.9, 0.5]]]]))
+
+
+def test_fill_with_own_mean_per_image_and_channel(dtype, device):
+    x = torch.zeros(2, 3, 4, 4, dtype=dtype, device=device)
+    x[0, 0], x[0, 1], x[0, 2] = 0.25, 0.5, 0.75
+    x[1] = 1.0
+    x[:, :, 0, 0] = 0.0  # the suspect pixel, dark in both images
+    region = torch.zeros(2, 1, 4, 4, dtype=dtype, device=device)
+    region[:, :, 0, 0] = 1.0
+    versions = x._version, region._version
+    out = fill_with_own_mean(x, region)
+    assert out.dtype == dtype and out.device.type == device.type and (x._version, region._version) == versions
+    torch.testing.assert_close(out[:, :, 0, 0].cpu(), torch.tensor([[0.25, 0.5, 0.75], [1.0, 1.0, 1.0]], dtype=dtype))
+    torch.testing.assert_close(out[:, :, 1:], x[:, :, 1:])
+
+
+def test_fill_with_own_mean_batched_equals_unbatched():
+    x, region = torch.rand(3, 3, 8, 8), (torch.rand(3, 1, 8, 8) > 0.7).float()
+    batched = fill_with_own_mean(x, region)
+    for i in range(3):
+        torch.testing.assert_close(batched[i:i + 1], fill_with_own_mean(x[i:i + 1], region[i:i + 1]))
+
+
+def test_fill_with_own_mean_edge_regions():
+    x = torch.rand(1, 3, 5, 5)
+    assert torch.equal(fill_with_own_mean(x, torch.zeros(1, 1, 5, 5)), x)
+    everything = fill_with_own_mean(x, torch.ones(1, 1, 5, 5))  # nothing kept: the image's own mean
+    torch.testing.assert_close(everything, x.mean(dim=(2, 3), keepdim=True).expand_as(x))
+    with pytest.raises(ValueError, match=r"region must have shape \(B, 1, H, W\) matching x \(1, 3, 5, 5\), got \(1, 3, 5, 5\)"):
+        fill_with_own_mean(x, torch.zeros(1, 3, 5, 5))

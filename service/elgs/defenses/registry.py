@@ -75,7 +75,7 @@ class DefenseInput:
 class DefenseOutput:
     """What a defence returns: ``image`` (B, 3, H, W) in [0, 1], the applied ``mask`` (B, 1, H, W) in [0, 1]
     and, for the gradient defences, ``removal`` (B, 1, H, W), 0/1: the pixels a hard removal of the
-    suspected patch replaces by the mean colour (LGS's own suppression at least :data:`REMOVAL_STRENGTH`),
+    suspected patch replaces by the image's own mean colour (LGS's own suppression at least :data:`REMOVAL_STRENGTH`),
     which the engine's verdict checks the original answer against (design.md, section 2.6)."""
 
     image: torch.Tensor

@@ -2,6 +2,7 @@
 
 :func:`smooth` applies it to model-normalised images; :func:`smooth_pixels` is the same formula carried to
 pixel space, which is what the defences return (``T * std + mean``, clamped to [0, 1]).
+:func:`fill_with_own_mean` is the hard removal of the verdict's check.
 """
 
 from __future__ import annotations
@@ -59,3 +60,30 @@ def smooth_pixels(x: torch.Tensor, strength: torch.Tensor, mean: torch.Tensor) -
     """
     check_image_batch(x, "x")
     return torch.addcmul(x, strength, x - mean.view(1, -1, 1, 1), value=-1).clamp(0.0, 1.0)
+
+
+def fill_with_own_mean(x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Replace ``region`` of each image by that image's mean colour over the pixels outside it.
+
+    The removal check's view (design.md, section 3.2). The image's own colour, not the dataset mean: a grey
+    square on a dark photograph is an object of its own (on seed-7 training crops it turned bubbles into
+    spotlights), where a square of the photograph's own colour reads as background. An image whose region
+    covers every pixel gets the region's own mean.
+
+    Args:
+        x: pixel-space images in [0, 1] of shape (B, C, H, W).
+        region: 0/1 tensor of shape (B, 1, H, W), 1 where the pixel is replaced.
+
+    Returns:
+        tensor shaped like ``x``; ``x`` itself is not modified.
+    """
+    check_image_batch(x, "x")
+    if region.ndim != 4 or region.shape[1] != 1 or region.shape[0] != x.shape[0] or region.shape[2:] != x.shape[2:]:
+        raise ValueError(f"region must have shape (B, 1, H, W) matching x {tuple(x.shape)}, got {tuple(region.shape)}")
+    region = region.to(x.dtype)
+    keep = 1.0 - region
+    kept_pixels = keep.sum(dim=(2, 3), keepdim=True)
+    everywhere = torch.ones_like(keep)
+    weights = torch.where(kept_pixels > 0, keep, everywhere)
+    colour = (x * weights).sum(dim=(2, 3), keepdim=True) / weights.sum(dim=(2, 3), keepdim=True)
+    return torch.lerp(x, colour.expand_as(x), region)
