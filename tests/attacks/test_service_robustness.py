@@ -96,3 +96,28 @@ def test_figures_through_http_equal_the_in_process_evaluation(tmp_path, monkeypa
     assert report["rows"]["none"]["attacks"]["patch.png"]["auroc"] == 0.5
     assert report["rows"]["none"]["attacks"]["patch.png"]["by_confidence"]["all"]["fooled"]["count"] >= 3
     assert report["rows"]["lgs"]["attacks"]["patch.png"]["auroc_fooled"] is not None
+
+
+def _auto_row(kept: float, restored_all: float, confident: tuple[int, int]) -> dict:
+    count, total = confident
+    attack = {"auroc": 0.99, "final_restored_rate": restored_all, "restored_rate": restored_all,
+              "by_confidence": {"confident": {"final_restored": {
+                  "count": count, "total": total, "rate": count / total if total else None}}}}
+    return {"method": "auto", "clean_final_accuracy": kept, "attacks": {"p": attack}}
+
+
+def test_issue_15_checks_of_the_cascade():
+    from elgs.bench.robustness import checks
+
+    def auto_checks(row):
+        return {text.split(" (")[0]: ok for text, ok in checks({"auto": row}, "p") if text.startswith("auto: final")}
+
+    passing = auto_checks(_auto_row(0.99, 0.61, (19, 20)))
+    assert len(passing) == 5 and all(passing.values())  # issue 9: 93% kept, 55% restored; issue 15: 98%, 95%, 60%
+    failing = auto_checks(_auto_row(0.97, 0.59, (18, 20)))
+    assert failing == {"auto: final_predictions keep >= 93% of clean images": True,
+                       "auto: final_predictions keep >= 98% of clean images": False,
+                       "auto: final_predictions restore >= 95% of fooled confident images": False,
+                       "auto: final_predictions restore >= 55% of fooled images": True,
+                       "auto: final_predictions restore >= 60% of fooled images": False}
+    assert not auto_checks(_auto_row(1.0, 1.0, (0, 0)))["auto: final_predictions restore >= 95% of fooled confident images"]

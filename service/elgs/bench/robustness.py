@@ -204,6 +204,16 @@ def checks(rows: dict[str, dict], patch: str) -> list[tuple[str, bool]]:
             (f"{name}: final_predictions restore >= 55% of fooled images ({_text(attack['final_restored_rate'])})",
              _at_least(attack["final_restored_rate"], 0.55)),
         ]
+        if row["method"] == "auto":  # issue 15's cascade
+            confident = attack["by_confidence"]["confident"]["final_restored"]
+            results += [
+                (f"auto: final_predictions keep >= 98% of clean images ({_text(row['clean_final_accuracy'])})",
+                 _at_least(row["clean_final_accuracy"], 0.98)),
+                (f"auto: final_predictions restore >= 95% of fooled confident images ({_text(confident['rate'])} of "
+                 f"{confident['total']})", confident["total"] > 0 and _at_least(confident["rate"], 0.95)),
+                (f"auto: final_predictions restore >= 60% of fooled images ({_text(attack['final_restored_rate'])})",
+                 _at_least(attack["final_restored_rate"], 0.60)),
+            ]
         photos = row.get("whole_photos")
         if photos and photos["flagged"] is not None:
             flagged = photos["flagged_photos"]
