@@ -7,7 +7,7 @@ import torch
 
 from elgs.calibration import Setting, calibrate, clean_scores, clean_views, settings_for, threshold_at_fpr
 from elgs.engine import Engine, Request
-from elgs.thresholds import AttackThresholds, ThresholdEntry, load_thresholds, read_calibration, write_calibration
+from elgs.thresholds import REMOVAL_VIEW, AttackThresholds, ThresholdEntry, load_thresholds, read_calibration, write_calibration
 from tests.conftest import make_tiny_model
 
 SMOOTH = "smoothgrad:n=4,sigma=0.2,rectify=true,seed=0,quantile=0.9"
@@ -103,12 +103,17 @@ def test_calibration_scores_are_the_engine_scores(photos):
         torch.testing.assert_close(scores[setting], torch.tensor([r.attack_score for r in results]),
                                    rtol=1e-4, atol=1e-5)
     thresholds = calibrate(model, [x], fpr=0.25, verdict_fpr=0.0, methods=["lgs"], lambdas=[5.0])
-    entry = next(e for e in thresholds.entries if e.lam == 5.0)
+    entry = next(e for e in thresholds.entries if e.lam == 5.0 and e.method == "lgs")
     lgs = clean_views(model, [x], [Setting("lgs", 5.0, None)])[Setting("lgs", 5.0, None)]
     torch.testing.assert_close(lgs.scores, scores[Setting("lgs", 5.0, None)])
-    # the larger of the score's threshold and the full verdict's (here: no clean image called attacked)
-    expected = max(threshold_at_fpr(lgs.scores, 0.25), threshold_at_fpr(lgs.verdict_scores(), 0.0))
+    # the removal view first (no clean image called attacked by it alone), then the larger of the score's
+    # threshold and the full verdict's (here: no clean image called attacked by either view)
+    (removal,) = [e for e in thresholds.entries if e.method == REMOVAL_VIEW and e.lam == 5.0]
+    assert removal.lam == 5.0 and removal.threshold == pytest.approx(
+        threshold_at_fpr(lgs.removal_verdict_scores(), 0.0)) and removal.false_positive_rate == 0.0
+    expected = max(threshold_at_fpr(lgs.scores, 0.25), threshold_at_fpr(lgs.verdict_scores(removal.threshold), 0.0))
     assert entry.clean_flagged <= 0.25 and entry.false_positive_rate == 0.0
+    assert not lgs.attacked(entry.threshold, removal.threshold).any()
     assert entry.threshold == pytest.approx(expected) and entry.threshold >= threshold_at_fpr(lgs.scores, 0.25)
     assert thresholds.images == 8 and thresholds.input_size == 32
 

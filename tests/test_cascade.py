@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elgs.engine import Engine, Request, judge, stage_defense
-from elgs.thresholds import AttackThresholds, ThresholdEntry
+from elgs.engine import Engine, Request, judge, stage_defense, verdicts
+from elgs.thresholds import REMOVAL_VIEW, AttackThresholds, ThresholdEntry
 from tests.conftest import make_tiny_model
 
 
@@ -23,9 +23,31 @@ def test_judge_by_hand(original, defended, score, threshold, removal, expected):
     assert judge(original, defended, score, threshold, removal) == expected
 
 
-def _thresholds(lgs: float, slgs: float) -> AttackThresholds:
+@pytest.mark.parametrize(("defended", "score", "threshold", "removal", "removal_score", "expected"), [
+    (3, 0.1, 0.5, 5, 1.8, (True, True)),     # the defended view kept the answer, the removal view moved it far
+    (4, 0.1, 0.5, 5, 1.8, (True, True)),     # ... also when the defended view changed it a little
+    (3, 0.1, None, 5, 1.8, (True, True)),    # ... and without a threshold for the defended view
+    (3, 0.1, 0.5, 5, 0.9, (False, False)),   # the removal view moved it, but less than its threshold
+    (3, 0.1, 0.5, 3, 1.8, (False, False)),   # the removal view kept the answer: its score does not matter
+    (4, 0.9, 0.5, 3, 0.1, (True, False)),    # the defended view flags, the original survives removal: steered
+    (4, 0.1, None, 3, 0.1, (None, None)),    # changed, no threshold, the removal view does not flag: undecided
+])
+def test_judge_with_the_removal_view_by_hand(defended, score, threshold, removal, removal_score, expected):
+    assert judge(3, defended, score, threshold, removal, removal_score, removal_threshold=1.0) == expected
+    if threshold is not None:  # the vectorised verdict says the same
+        flagged, attacked = verdicts(torch.tensor([3]), torch.tensor([defended]), torch.tensor([score]), threshold,
+                                     torch.tensor([removal]), torch.tensor([removal_score]), 1.0)
+        assert (bool(flagged), bool(attacked)) == expected
+    # without a removal threshold only the defended view flags
+    assert judge(3, defended, score, threshold, removal, removal_score)[1] == (
+        None if threshold is None and defended != 3 else bool(defended != 3 and threshold is not None
+                                                              and score > threshold and removal != 3))
+
+
+def _thresholds(lgs: float, slgs: float, removal: float | None = None) -> AttackThresholds:
+    removal_entry = () if removal is None else (ThresholdEntry(REMOVAL_VIEW, 3.5, None, removal),)
     return AttackThresholds(model="tiny", input_size=32, fpr=0.05, images=10, data="", entries=(
-        ThresholdEntry("lgs", 3.5, None, lgs), ThresholdEntry("slgs", 3.5, "gradient", slgs)),
+        ThresholdEntry("lgs", 3.5, None, lgs), ThresholdEntry("slgs", 3.5, "gradient", slgs), *removal_entry),
         default_saliency="gradient")
 
 
@@ -39,7 +61,27 @@ def test_auto_answers_unflagged_images_at_the_screen_in_two_forwards(photos):
     for result in results:
         assert result.path == "screen" and result.escalate is None and result.attacked is False
         assert [s.method for s in result.stages] == ["lgs"] and result.stages[0].attack_threshold == 0.5
-        assert result.final_predictions == result.predictions and result.removal_prediction is None
+        assert result.final_predictions == result.predictions and result.removal_prediction is not None
+        assert 0 <= result.removal_score <= 2 and result.removal_threshold is None
+
+
+def test_the_removal_view_alone_escalates_and_decides(photos):
+    """A patch that survives the smoothing is invisible to the defended views; the removal view still sees it."""
+    model = make_tiny_model()
+    x = photos["astronaut"]  # LGS 3.5 and the hard removal both change the tiny model's top-1 on it
+    blind = Engine(model, thresholds=_thresholds(lgs=2.0, slgs=2.0))  # the defended views never flag
+    (unseen,) = blind.run([Request(image=x, method="auto", lam=3.5, saliency="gradient")])
+    assert unseen.path == "screen" and unseen.attacked is False and unseen.final_predictions == unseen.predictions
+    engine = Engine(model, thresholds=_thresholds(lgs=2.0, slgs=2.0, removal=unseen.removal_score / 2))
+    (screened,) = engine.run_round([Request(image=x, method="auto", lam=3.5, saliency="gradient")])
+    assert screened.stages[0].flagged is True and screened.escalate is not None
+    assert screened.removal_threshold == unseen.removal_score / 2
+    (result,) = engine.run([Request(image=x, method="auto", lam=3.5, saliency="gradient")])
+    assert result.path == "strong" and result.attacked is True and result.stages[1].flagged is True
+    assert result.final_predictions[0] == result.removal_prediction != result.predictions[0]
+    (high,) = Engine(model, thresholds=_thresholds(lgs=2.0, slgs=2.0, removal=2.0)).run(
+        [Request(image=x, method="slgs", lam=3.5, saliency="gradient")])
+    assert high.attacked is False and high.removal_threshold == 2.0
 
 
 def test_auto_escalates_a_flagged_image_to_slgs_and_judges_it_there(photos):

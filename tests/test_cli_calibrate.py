@@ -91,7 +91,8 @@ def test_calibrate_then_defend_reads_the_thresholds(tmp_path, monkeypatch, capsy
     assert code == 0, capsys.readouterr().err
     block = json.loads(calibration.read_text())["models"]["efficientnet_lite0"]
     assert (block["fpr"], block["images"], block["input_size"]) == (0.34, 3, 224)
-    (entry,) = block["entries"]
+    removal, entry = block["entries"]  # the removal view's own threshold comes first
+    assert (removal["method"], removal["lam"], removal["saliency"]) == ("removal", 3.5, None)
     assert (entry["method"], entry["lam"], entry["saliency"]) == ("lgs", 3.5, None)
     assert entry["clean_flagged"] == pytest.approx(1 / 3)  # ceil(0.66 * 3) = 2nd smallest: one image above
     # the verdict also needs a changed top-1 and a failed removal check: at most that one image, per folder too

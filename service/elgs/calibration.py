@@ -30,7 +30,7 @@ from elgs.engine import (
     verdicts,
 )
 from elgs.models import LoadedModel
-from elgs.thresholds import AttackThresholds, ThresholdEntry
+from elgs.thresholds import REMOVAL_VIEW, AttackThresholds, ThresholdEntry
 
 DEFAULT_METHODS = ("lgs", "slgs", "wlgs", "jpeg", "median", "gaussian")
 DEFAULT_LAMBDAS = (2.3, 2.7, 3.5)
@@ -100,6 +100,7 @@ class CleanViews:
         original: pass-1 top-1 classes (N,).
         defended: pass-2 top-1 classes (N,).
         removal: top-1 classes with the suspect removed (N,), :data:`elgs.engine.NO_REMOVAL` without a check.
+        removal_scores: attack scores of the removal view (N,), 0 without a check.
         kinds: the kind of each image (e.g. ``crops``, ``photos``), N strings.
     """
 
@@ -107,23 +108,47 @@ class CleanViews:
     original: torch.Tensor
     defended: torch.Tensor
     removal: torch.Tensor
+    removal_scores: torch.Tensor
     kinds: list[str]
 
-    def verdict_scores(self) -> torch.Tensor:
-        """Each image's score where the verdict could call it attacked at some threshold (changed top-1, removal
-        check failed), else 0: the verdict is attacked exactly where this is above the threshold."""
+    @property
+    def has_removal(self) -> bool:
+        """Whether the setting's defence has the removal check (the gradient defences)."""
+        return bool((self.removal != NO_REMOVAL).any())
+
+    def removal_verdict_scores(self) -> torch.Tensor:
+        """Each image's removal-view score where that view changed the top-1, else 0: the removal view alone calls
+        an image attacked exactly where this is above its threshold."""
+        changed = (self.removal != self.original) & (self.removal != NO_REMOVAL)
+        return torch.where(changed, self.removal_scores, torch.zeros_like(self.removal_scores))
+
+    def verdict_scores(self, removal_threshold: float | None = None) -> torch.Tensor:
+        """Each image's score where the defended view could call it attacked at some threshold (changed top-1,
+        removal check failed) and the removal view at ``removal_threshold`` does not already, else 0: the
+        verdict is attacked where this is above the threshold, or the removal view says so."""
         could = verdicts(self.original, self.defended, self.scores, -1.0, self.removal)[1]
+        could &= ~self.attacked_by_removal(removal_threshold)
         return torch.where(could, self.scores, torch.zeros_like(self.scores))
 
-    def attacked(self, threshold: float) -> torch.Tensor:
-        """The engine's verdict at ``threshold`` for each image (:func:`elgs.engine.verdicts`), (N,) bool."""
-        return verdicts(self.original, self.defended, self.scores, threshold, self.removal)[1]
+    def attacked_by_removal(self, removal_threshold: float | None) -> torch.Tensor:
+        """The images the removal view alone calls attacked at ``removal_threshold``, (N,) bool."""
+        if removal_threshold is None:
+            return torch.zeros_like(self.scores, dtype=torch.bool)
+        return self.removal_verdict_scores() > removal_threshold
 
-    def flagged_by_kind(self, threshold: float) -> dict[str, float]:
+    def attacked(self, threshold: float, removal_threshold: float | None = None) -> torch.Tensor:
+        """The engine's verdict at ``threshold`` (and ``removal_threshold``) for each image
+        (:func:`elgs.engine.verdicts`), (N,) bool."""
+        return verdicts(self.original, self.defended, self.scores, threshold, self.removal,
+                        self.removal_scores, removal_threshold)[1]
+
+    def flagged_by_kind(self, threshold: float, removal_threshold: float | None = None) -> dict[str, float]:
         """The share of each kind's images the verdict calls attacked at ``threshold``."""
-        attacked = self.attacked(threshold)
-        return {kind: round(float(attacked[[k == kind for k in self.kinds]].float().mean()), 6)
-                for kind in dict.fromkeys(self.kinds)}
+        return _share_by_kind(self.attacked(threshold, removal_threshold), self.kinds)
+
+
+def _share_by_kind(flags: torch.Tensor, kinds: list[str]) -> dict[str, float]:
+    return {kind: round(float(flags[[k == kind for k in kinds]].float().mean()), 6) for kind in dict.fromkeys(kinds)}
 
 
 Chunk = torch.Tensor | tuple[torch.Tensor, Sequence[str]]
@@ -149,7 +174,7 @@ def clean_views(model: LoadedModel, chunks: Iterable[Chunk], settings: Sequence[
         threshold: the gradient-map block threshold.
     """
     defaults = ModelDefaults.of_model(model)
-    collected: dict[Setting, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {s: [] for s in settings}
+    collected: dict[Setting, list[tuple[torch.Tensor, ...]]] = {s: [] for s in settings}
     kinds: list[str] = []
     specs = list(dict.fromkeys(s.saliency for s in settings))
     for chunk in chunks:
@@ -166,13 +191,16 @@ def clean_views(model: LoadedModel, chunks: Iterable[Chunk], settings: Sequence[
                 defended = defend(model, x, requests, first.saliency)
                 logits, removal_logits = second_pass(model, defended)
                 removal = torch.full_like(original_top1, NO_REMOVAL)
+                removal_scores = torch.zeros(len(images))
                 if defended.removal_rows:
-                    removal[torch.tensor(defended.removal_rows, device=x.device)] = removal_logits.argmax(dim=1)
+                    rows = torch.tensor(defended.removal_rows, device=x.device)
+                    removal[rows] = removal_logits.argmax(dim=1)
+                    removal_scores[rows.cpu()] = attack_scores(first.logits[rows], removal_logits).cpu()
                 collected[setting].append((attack_scores(first.logits, logits).cpu(), original_top1.cpu(),
-                                           logits.argmax(dim=1).cpu(), removal.cpu()))
+                                           logits.argmax(dim=1).cpu(), removal.cpu(), removal_scores))
     empty = torch.empty(0, dtype=torch.long)
-    return {s: CleanViews(*(torch.cat([v[i] for v in values]) for i in range(4)), kinds=list(kinds))
-            if values else CleanViews(torch.empty(0), empty, empty, empty, [])
+    return {s: CleanViews(*(torch.cat([v[i] for v in values]) for i in range(5)), kinds=list(kinds))
+            if values else CleanViews(torch.empty(0), empty, empty, empty, torch.empty(0), [])
             for s, values in collected.items()}
 
 
@@ -191,6 +219,9 @@ def calibrate(model: LoadedModel, chunks: Iterable[Chunk], *, fpr: float = 0.05,
     do), raised where needed until the full verdict calls at most ``verdict_fpr`` of them attacked; each
     entry also records the share of clean images the full verdict (changed top-1, score, removal
     check) calls attacked, overall (``false_positive_rate``) and per kind of image (``false_positive_by_kind``).
+    For each lambda of the gradient defences the removal view gets its own entry (method
+    :data:`~elgs.thresholds.REMOVAL_VIEW`), set first so that it alone calls at most half of ``verdict_fpr``
+    of the clean images attacked; the defended views' thresholds then share what is left of ``verdict_fpr``.
 
     Returns:
         :class:`~elgs.thresholds.AttackThresholds` ready for :func:`elgs.thresholds.write_calibration`.
@@ -204,13 +235,27 @@ def calibrate(model: LoadedModel, chunks: Iterable[Chunk], *, fpr: float = 0.05,
     if images == 0:
         raise ValueError("no images to calibrate on")
     entries = []
+    removal_thresholds: dict[float | None, float] = {}
+    for setting, clean in views.items():  # the removal view: one per lambda, whichever defence computed it
+        if clean.has_removal and setting.lam not in removal_thresholds:
+            removal_threshold = threshold_at_fpr(clean.removal_verdict_scores(), verdict_fpr / 2)
+            removal_thresholds[setting.lam] = removal_threshold
+            by_removal = clean.attacked_by_removal(removal_threshold)
+            rate = round(float(by_removal.float().mean()), 6)
+            entries.append(ThresholdEntry(method=REMOVAL_VIEW, lam=setting.lam, saliency=None,
+                                          threshold=removal_threshold, clean_flagged=rate, false_positive_rate=rate,
+                                          false_positive_by_kind=_share_by_kind(by_removal, clean.kinds)))
     for setting, clean in views.items():
-        threshold = max(threshold_at_fpr(clean.scores, fpr), threshold_at_fpr(clean.verdict_scores(), verdict_fpr))
+        removal_threshold = removal_thresholds.get(setting.lam) if clean.has_removal else None
+        left = max(verdict_fpr - float(clean.attacked_by_removal(removal_threshold).float().mean()), 0.0)
+        threshold = max(threshold_at_fpr(clean.scores, fpr), threshold_at_fpr(clean.verdict_scores(removal_threshold),
+                                                                                left))
+        attacked = clean.attacked(threshold, removal_threshold)
         entries.append(ThresholdEntry(method=setting.method, lam=setting.lam, saliency=setting.saliency,
                                       threshold=threshold,
                                       clean_flagged=round(float((clean.scores > threshold).float().mean()), 6),
-                                      false_positive_rate=round(float(clean.attacked(threshold).float().mean()), 6),
-                                      false_positive_by_kind=clean.flagged_by_kind(threshold)))
+                                      false_positive_rate=round(float(attacked.float().mean()), 6),
+                                      false_positive_by_kind=clean.flagged_by_kind(threshold, removal_threshold)))
     return AttackThresholds(model=model.name, input_size=model.input_size, fpr=fpr, verdict_fpr=verdict_fpr,
                             images=images, data=data,
                             entries=tuple(entries), default_saliency=parse_saliency(model.spec.default_saliency).spec)

@@ -45,7 +45,7 @@ from elgs.defenses import (
 )
 from elgs.errors import ServiceError
 from elgs.models import LoadedModel
-from elgs.thresholds import SCORE_RANGE, AttackThresholds, load_thresholds
+from elgs.thresholds import REMOVAL_VIEW, SCORE_RANGE, AttackThresholds, load_thresholds
 
 Task = Literal["classify", "defend", "saliency"]
 TOP_K = 5
@@ -150,6 +150,10 @@ class Result:
             removed (gradient defences; the defended top-5 for the filters); when undecided, the defended top-5.
         removal_prediction: top-1 with the suspected patch removed outright (gradient defences), which
             the verdict checks the original answer against.
+        removal_score: L1 distance of the original and the removal view's softmax vectors, in [0, 2]
+            (gradient defences).
+        removal_threshold: the calibrated threshold above which the removal view alone flags the image
+            (None: not calibrated, then only the defended view can).
         stages: every defence view the request computed, in order (a cascade: screen, then strong).
         path: for a cascade, ``screen`` (its screen answered) or ``strong``; None otherwise.
         escalate: for a cascade's screen that flagged the image, the request of its strong stage, to be
@@ -172,6 +176,8 @@ class Result:
     attacked: bool | None = None
     final_predictions: list[Prediction] | None = None
     removal_prediction: Prediction | None = None
+    removal_score: float | None = None
+    removal_threshold: float | None = None
     stages: list[Stage] = field(default_factory=list)
     path: str | None = None
     escalate: Request | None = None
@@ -213,40 +219,54 @@ NO_REMOVAL = -1  # in a removal top-1 tensor: the image had no removal check
 
 
 def verdicts(original: torch.Tensor, defended: torch.Tensor, scores: torch.Tensor, threshold: float,
-             removal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The verdict of many images at one threshold: ``(flagged, attacked)``, bool tensors (N,).
+             removal: torch.Tensor | None = None, removal_scores: torch.Tensor | None = None,
+             removal_threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verdict of many images: ``(flagged, attacked)``, bool tensors (N,) (design.md, section 3.2).
 
-    ``flagged``: the defence changed the top-1 *and* moved the softmax by more than ``threshold`` (a
-    probability shift that keeps the answer is harmless). ``attacked``: flagged, and the original top-1
-    does not survive removing the suspected patch outright (``removal``; when it survives, the patch was
-    not what made the answer, so a defence that changed it was steered, not repairing).
+    ``flagged``: a view changed the top-1 *and* moved the softmax by more than its threshold (a
+    probability shift that keeps the answer is harmless): the defended view (``scores > threshold``) or
+    the removal view (``removal_scores > removal_threshold``, when calibrated). ``attacked``: flagged, and
+    the original top-1 does not survive removing the suspected patch outright (``removal``; when it
+    survives, the patch was not what made the answer, so a defence that changed it was steered, not
+    repairing).
 
     Args:
         original: pass-1 top-1 classes (N,).
         defended: pass-2 top-1 classes (N,).
-        scores: attack scores (N,).
-        threshold: the attack-score threshold.
+        scores: attack scores of the defended view (N,).
+        threshold: the attack-score threshold of the defended view.
         removal: top-1 classes with the suspect removed (N,), :data:`NO_REMOVAL` where there was no check;
             None: no check for any image.
+        removal_scores: attack scores of the removal view (N,) (ignored where there was no check).
+        removal_threshold: their threshold; None: the removal view does not flag on its own.
     """
     flagged = (defended != original) & (scores > threshold)
     if removal is None:
         return flagged, flagged
-    return flagged, flagged & (removal != original)
+    removed = removal != original
+    if removal_scores is not None and removal_threshold is not None:
+        flagged = flagged | (removed & (removal != NO_REMOVAL) & (removal_scores > removal_threshold))
+    return flagged, flagged & removed
 
 
 def judge(original_top1: int, defended_top1: int, score: float, threshold: float | None,
-          removal_top1: int | None = None) -> tuple[bool | None, bool | None]:
+          removal_top1: int | None = None, removal_score: float | None = None,
+          removal_threshold: float | None = None) -> tuple[bool | None, bool | None]:
     """:func:`verdicts` of one image, ``(flagged, attacked)`` (design.md, section 3.2).
 
-    Without a threshold a changed top-1 is undecided (None); an unchanged one is never attacked.
+    Without a threshold a changed top-1 is undecided (None) unless the removal view flags it; an image
+    neither view changes is never attacked.
     """
-    if defended_top1 == original_top1:
-        return False, False
+    removal = None if removal_top1 is None else torch.tensor([removal_top1])
+    removal_scores = None if removal_score is None else torch.tensor([removal_score])
     if threshold is None:
-        return None, None
+        _, by_removal = verdicts(torch.tensor([original_top1]), torch.tensor([defended_top1]), torch.tensor([score]),
+                                 math.inf, removal, removal_scores, removal_threshold)
+        if bool(by_removal):
+            return True, True
+        return (False, False) if defended_top1 == original_top1 else (None, None)
     flagged, attacked = verdicts(torch.tensor([original_top1]), torch.tensor([defended_top1]), torch.tensor([score]),
-                                 threshold, None if removal_top1 is None else torch.tensor([removal_top1]))
+                                 threshold, removal, removal_scores, removal_threshold)
     return bool(flagged), bool(attacked)
 
 
@@ -374,7 +394,7 @@ class DefendedBatch:
     Attributes:
         images: defended images (D, 3, H, W) in [0, 1].
         masks: applied suppression (D, 1, H, W) in [0, 1].
-        removal_rows: the rows that get the removal check (gradient defences, not a cascade's screen).
+        removal_rows: the rows that get the removal check (the gradient defences, a cascade's screen included).
         removal_images: those rows' images with the suspected patch replaced by each image's own mean colour
             (:func:`~elgs.defenses.fill_with_own_mean`), (R, 3, H, W).
     """
@@ -383,12 +403,6 @@ class DefendedBatch:
     masks: torch.Tensor
     removal_rows: list[int]
     removal_images: torch.Tensor
-
-
-def checks_removal(request: Request) -> bool:
-    """Whether the verdict of a resolved ``defend`` request takes the removal check (not a cascade's screen:
-    its flag only escalates, and the screen must cost two forwards)."""
-    return get_defense(request.method).escalates_to is None or request.screen is not None
 
 
 def defend(model: LoadedModel, x: torch.Tensor, requests: Sequence[Request],
@@ -422,7 +436,7 @@ def defend(model: LoadedModel, x: torch.Tensor, requests: Sequence[Request],
         if output.removal is not None:
             removal[index] = output.removal.to(x.dtype)
             for r in rows:
-                has_removal[r] = checks_removal(requests[r])
+                has_removal[r] = True
     removal_rows = [r for r, flag in enumerate(has_removal) if flag]
     index = torch.tensor(removal_rows, device=x.device, dtype=torch.long)
     removal_images = fill_with_own_mean(x[index], removal[index])
@@ -482,6 +496,13 @@ class Engine:
         if self.thresholds is None:
             return None
         return self.thresholds.lookup(defense.name, request.lam, request.saliency)
+
+    def removal_threshold(self, request: Request) -> float | None:
+        """The calibrated threshold of a resolved ``defend`` request's removal view at its lambda (None: not
+        calibrated). ``?attack_threshold=`` does not change it."""
+        if self.thresholds is None:
+            return None
+        return self.thresholds.lookup(REMOVAL_VIEW, request.lam)
 
     @property
     def defaults(self) -> ModelDefaults:
@@ -565,29 +586,35 @@ class Engine:
         timing["defense"] = (time.perf_counter() - started) * 1000
         started = time.perf_counter()
         defended_logits, removal_logits = second_pass(self.model, defended)
-        scores = attack_scores(first.logits[index], defended_logits).tolist()
+        original_logits = first.logits[index]
+        scores = attack_scores(original_logits, defended_logits).tolist()
         defended_top = self.top_k(defended_logits)
         removal_top = dict(zip(defended.removal_rows, self.top_k(removal_logits)))
+        removal_scores = dict(zip(defended.removal_rows, attack_scores(
+            original_logits[torch.tensor(defended.removal_rows, device=x.device, dtype=torch.long)],
+            removal_logits).tolist()))
         timing["pass2"] = (time.perf_counter() - started) * 1000
         images, masks = defended.images.cpu(), defended.masks.cpu()
         for p, i in enumerate(rows):
             result = results[i]
             result.image, result.mask = images[p], masks[p]
-            self._judge(chosen[p], result, defended_top[p], scores[p], removal_top.get(p))
+            self._judge(chosen[p], result, defended_top[p], scores[p], removal_top.get(p), removal_scores.get(p))
 
     def _judge(self, request: Request, result: Result, defended: list[Prediction], score: float,
-               removal: list[Prediction] | None) -> None:
+               removal: list[Prediction] | None, removal_score: float | None) -> None:
         """Fill one defend result's verdict fields from its views (:func:`judge`)."""
         defense = stage_defense(request)
         threshold = self.attack_threshold(request, defense)
+        removal_threshold = self.removal_threshold(request) if removal is not None else None
         flagged, attacked = judge(result.predictions[0].index, defended[0].index, score, threshold,
-                                  None if removal is None else removal[0].index)
+                                  None if removal is None else removal[0].index, removal_score, removal_threshold)
         stage = Stage(method=defense.name, lam=request.lam, attack_score=score, attack_threshold=threshold,
                       flagged=flagged, predictions=defended)
         result.defended_predictions, result.lam, result.threshold = defended, request.lam, request.threshold
         result.attack_score, result.attack_threshold = score, threshold
         result.stages = [request.screen, stage] if request.screen is not None else [stage]
         result.removal_prediction = None if removal is None else removal[0]
+        result.removal_score, result.removal_threshold = removal_score, removal_threshold
         cascade = get_defense(request.method)
         if cascade.escalates_to is not None:
             result.path = "strong" if request.screen is not None else "screen"

@@ -31,6 +31,11 @@ from pathlib import Path
 SCORE_RANGE = (0.0, 2.0)
 
 
+# The entries of the removal view's own threshold (one per lambda, shared by LGS, SLGS and WLGS: the view
+# depends on the gradient map and lambda only) are stored under this method name.
+REMOVAL_VIEW = "removal"
+
+
 def user_calibration_path(configured: str | os.PathLike | None = None) -> Path:
     """``configured`` (the ``calibration_file`` setting, ``$ELGS_CALIBRATION_FILE``, which the CLI and the app
     pass down), else ``$XDG_CONFIG_HOME/elgs/calibration.json`` (``~/.config`` by default)."""

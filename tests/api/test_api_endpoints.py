@@ -46,7 +46,8 @@ def test_defend_json_has_both_top5_lists_image_mask_and_timing(client):
     body = response.json()
     assert set(body) == {"model", "weights", "method", "lambda", "threshold", "predictions", "original_predictions",
                          "image", "mask", "timing_ms", "batch_size", "saliency", "attack_score", "attack_threshold",
-                         "attacked", "final_predictions", "removal_top1", "stages", "path"}
+                         "attacked", "final_predictions", "removal_top1", "removal_score", "removal_threshold",
+                         "stages", "path"}
     assert body["saliency"] == "gradient:rectify=false,quantile=1"  # the tiny model's default
     assert 0 <= body["attack_score"] <= 2
     # random weights are never calibrated: a changed top-1 is undecided (the caller gets the defended answer),
@@ -56,6 +57,7 @@ def test_defend_json_has_both_top5_lists_image_mask_and_timing(client):
     assert body["final_predictions"] == (body["predictions"] if changed else body["original_predictions"])
     assert [stage["method"] for stage in body["stages"]] == ["slgs"] and body["path"] is None
     assert body["stages"][0]["attack_score"] == body["attack_score"] and body["removal_top1"]["label"]
+    assert 0 <= body["removal_score"] <= 2 and body["removal_threshold"] is None  # not calibrated
     assert (body["model"], body["weights"], body["method"]) == ("tiny", "random", "slgs")
     assert (body["lambda"], body["threshold"]) == (3.5, 0.25)
     for key in ("predictions", "original_predictions"):
@@ -128,7 +130,7 @@ def test_defend_auto_screens_then_escalates_through_the_batcher(client):
     clean = client.post("/defend/auto", params={"attack_threshold": 0.5}, files=_upload()).json()
     assert clean["path"] == "screen" and [s["method"] for s in clean["stages"]] == ["lgs"]
     assert clean["attacked"] is False and clean["final_predictions"] == clean["original_predictions"]
-    assert clean["saliency"] is None and clean["removal_top1"] is None
+    assert clean["saliency"] is None and clean["removal_top1"]["label"]  # the screen has the removal view too
     flagged = client.post("/defend/auto", params={"saliency": "gradient", "attack_threshold": 0},
                           files=_upload(ASTRONAUT, "astronaut.png")).json()
     assert flagged["path"] == "strong" and [s["method"] for s in flagged["stages"]] == ["lgs", "slgs"]

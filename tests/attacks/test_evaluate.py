@@ -27,6 +27,7 @@ from elgs.attacks.patches import apply_patch, fixed_positions, square_mask
 from elgs.attacks.train import AttackConfig, save_patch, train_patch
 from elgs.engine import Engine, Request
 from elgs.images import SAMPLE_PHOTOS, image_to_tensor, sample_photo
+from elgs.thresholds import REMOVAL_VIEW, AttackThresholds, ThresholdEntry
 
 from tests.compare import nested_close
 
@@ -237,6 +238,17 @@ def test_attack_score_detector_and_final_predictions(pipeline):
             ran, again = dict(ran), dict(again)
             ran.pop("images_per_second"), again.pop("images_per_second")  # wall time differs run to run
             assert _close(again, ran), (again["method"], threshold)
+    # ... and with a calibration file that has a removal-view threshold, what an engine reading that file gives.
+    patched_removal = torch.tensor([r.removal_score for r in engine.run(
+        [Request(image=x, task="defend", method="lgs", lam=3.5) for x in patched])])
+    calibrated = AttackThresholds(model="tiny", input_size=32, fpr=0.05, images=8, data="test", entries=(
+        ThresholdEntry("lgs", 3.5, None, 2.0), ThresholdEntry(REMOVAL_VIEW, 3.5, None,
+                                                               float(patched_removal.median()))))
+    redone = {row["method"]: row for row in rethreshold(reports[middle], calibrated)["rows"]}["lgs"]
+    served = run_engine(Engine(model, thresholds=calibrated), patched, "lgs", 3.5, 0.2, 4).records
+    assert redone["attacks"][spec.name]["per_image"]["attacked"] == served.attacked.tolist()
+    assert redone["attacks"][spec.name]["per_image"]["final"] == served.final.tolist()
+    assert 0 < served.attacked.sum() < len(patched)  # the removal view alone flags some (the defended one never)
     # 'none' changes nothing: score 0 everywhere, so the score separates nothing.
     assert rows[middle]["none"]["attacks"][spec.name]["auroc"] == 0.5
     table = format_table(reports[middle])
@@ -244,13 +256,14 @@ def test_attack_score_detector_and_final_predictions(pipeline):
 
 
 class _FixedThreshold:
-    """The lookup interface of :class:`elgs.thresholds.AttackThresholds`, one threshold for everything."""
+    """The lookup interface of :class:`elgs.thresholds.AttackThresholds`: one threshold for every defended
+    view, none for the removal view (as a run with ``attack_threshold`` and no calibration has)."""
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
 
-    def lookup(self, method, lam, saliency=None) -> float:
-        return self.threshold
+    def lookup(self, method, lam, saliency=None) -> float | None:
+        return None if method == REMOVAL_VIEW else self.threshold
 
 
 def test_without_a_threshold_nothing_is_flagged_and_final_is_the_defended_answer(pipeline):

@@ -98,6 +98,8 @@ class DefendResult(_Schema):
     attacked: Optional[bool] = None
     final_predictions: list[Prediction] = Field(default_factory=list)
     removal_top1: Optional[Prediction] = None
+    removal_score: Optional[float] = None
+    removal_threshold: Optional[float] = None
     stages: list[Stage] = Field(default_factory=list)
     path: Optional[str] = None
 

@@ -69,13 +69,21 @@ class DefendResponse(_Answer):
         description="the score above which the answer counts as attacked: ?attack_threshold= or the model's "
                     "calibrated one for this method and lambda (null: not calibrated)")
     attacked: bool | None = Field(
-        description="the verdict: the defence changed the top-1, attack_score > attack_threshold, and the original "
-                    "top-1 does not survive removing the suspected patch outright (null: changed, no threshold)")
+        description="the verdict: a view changed the top-1 by more than its threshold (the defended view: "
+                    "attack_score > attack_threshold; the removal view: removal_score > removal_threshold), and the "
+                    "original top-1 does not survive removing the suspected patch outright (null: changed, no threshold)")
     final_predictions: list[Prediction] = Field(
-        description="the one answer to use: the defended top-5 when attacked (or undecided), else the original top-5")
+        description="the one answer to use: when attacked the top-5 with the suspected patch removed (lgs, slgs, wlgs, "
+                    "auto; the defended top-5 for the filters), when undecided the defended top-5, else the original top-5")
     removal_top1: Prediction | None = Field(
         default=None, description="top-1 with the suspected patch removed outright (lgs, slgs, wlgs): the check that "
                                   "keeps an attack on the defence from steering final_predictions")
+    removal_score: float | None = Field(
+        default=None, ge=0, le=2, description="L1 distance between the softmax vectors of the uploaded image and the "
+                                              "removal view (lgs, slgs, wlgs, auto)")
+    removal_threshold: float | None = Field(
+        default=None, description="the calibrated score above which the removal view alone flags the image (null: "
+                                  "not calibrated; ?attack_threshold= does not change it)")
     stages: list[StageInfo] = Field(
         default_factory=list, description="every defence view computed, in order (auto: the screen, then the strong "
                                           "path when the screen flagged the image)")

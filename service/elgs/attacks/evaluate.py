@@ -56,6 +56,7 @@ from elgs.defenses import DEFAULT_THRESHOLD, get_defense, saliency_region
 from elgs.engine import Engine, Request
 from elgs.images import decode_for_model, image_to_tensor, open_image
 from elgs.models import LoadedModel
+from elgs.thresholds import REMOVAL_VIEW
 
 
 @dataclass
@@ -188,7 +189,8 @@ def run_engine(engine: Engine, images: torch.Tensor, method: str, lam: float | N
         defended=[(r.defended_predictions or r.final_predictions)[0].index for r in results],
         final=[r.final_predictions[0].index for r in results], score=[r.attack_score for r in results],
         attacked=[r.attacked for r in results],
-        removal=[r.removal_prediction.index if r.removal_prediction else None for r in results])
+        removal=[r.removal_prediction.index if r.removal_prediction else None for r in results],
+        removal_score=[r.removal_score for r in results])
     maps = [r.saliency for r in results]
     first = results[0] if results else None
     defended = [image if r.image is None else r.image for image, r in zip(images, results)]
@@ -469,7 +471,8 @@ def rethreshold(report: EvaluationReport | dict, thresholds) -> dict:
                           confidence=np.asarray(report["confidence"]), confident_at=report["confident_at"])
     report["rows"] = rethreshold_rows(
         report["rows"], reference, {patch["name"]: patch["target"] for patch in report["patches"]},
-        lambda row: thresholds.lookup(row["method"], row["lambda"], row["saliency_method"]), report["photos"])
+        lambda row: thresholds.lookup(row["method"], row["lambda"], row["saliency_method"]), report["photos"],
+        lambda row: thresholds.lookup(REMOVAL_VIEW, row["lambda"]))
     return report
 
 

@@ -65,6 +65,7 @@ class Records:
         score: attack score (float64).
         attacked: the verdict (bool); None when no threshold decided it.
         removal: top-1 with the suspect removed (:data:`elgs.engine.NO_REMOVAL` where there was no check).
+        removal_score: the removal view's attack score (0 where there was no check).
     """
 
     original: np.ndarray
@@ -74,20 +75,25 @@ class Records:
     score: np.ndarray
     attacked: np.ndarray | None
     removal: np.ndarray | None = None
+    removal_score: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.original)
 
     @classmethod
-    def build(cls, original, confidence, defended, final, score, attacked, removal=None) -> Records:
-        """From sequences; ``attacked`` becomes None unless every entry is decided; ``removal`` entries may be
-        None (no check)."""
+    def build(cls, original, confidence, defended, final, score, attacked, removal=None,
+              removal_score=None) -> Records:
+        """From sequences; ``attacked`` becomes None unless every entry is decided; ``removal`` and
+        ``removal_score`` entries may be None (no check)."""
         flags = None if attacked is None or any(flag is None for flag in attacked) else np.asarray(attacked, bool)
         removal = None if removal is None else np.asarray([NO_REMOVAL if r is None else r for r in removal], np.int64)
+        removal_score = None if removal_score is None else np.asarray(
+            [0.0 if r is None else r for r in removal_score], np.float64)
+        complete = lambda values: None if values is None or len(values) != len(original) else values  # noqa: E731
         return cls(original=np.asarray(original, dtype=np.int64), confidence=np.asarray(confidence, np.float32),
                    defended=np.asarray(defended, np.int64), final=np.asarray(final, np.int64),
                    score=np.asarray(score, np.float64), attacked=flags,
-                   removal=None if removal is None or len(removal) != len(original) else removal)
+                   removal=complete(removal), removal_score=complete(removal_score))
 
     @classmethod
     def concat(cls, parts: Sequence[Records]) -> Records:
@@ -100,19 +106,21 @@ class Records:
 
         return cls(**{f.name: joined(f.name) for f in fields(cls)})
 
-    def decided_at(self, threshold: float | None) -> Records:
-        """The records re-decided at ``threshold`` with the engine's verdict (:func:`elgs.engine.verdicts`:
-        changed top-1, score above ``threshold``, original not surviving the removal check) and ``final`` the
-        answer with the suspect removed when attacked (the defended one without a removal check), else the
-        original. The rule of one round (lgs, slgs, wlgs, the
-        filters; for ``auto``, its strong stage's: a re-decided screen is not modelled). None: a changed
-        top-1 is undecided (``final`` the defended answer), an unchanged one is not attacked."""
+    def decided_at(self, threshold: float | None, removal_threshold: float | None = None) -> Records:
+        """The records re-decided at ``threshold`` (and the removal view's ``removal_threshold``) with the
+        engine's verdict (:func:`elgs.engine.verdicts`: a view changed the top-1 by more than its threshold,
+        original not surviving the removal check) and ``final`` the answer with the suspect removed when
+        attacked (the defended one without a removal check), else the original. The rule of one round (lgs,
+        slgs, wlgs, the filters; for ``auto``, its strong stage's: a re-decided screen is not modelled). No
+        ``threshold``: a changed top-1 is undecided (``final`` the defended answer), an unchanged one is not
+        attacked (the removal view is not consulted)."""
         changed = self.defended != self.original
         if threshold is None:
             return replace(self, attacked=None, final=np.where(changed, self.defended, self.original))
         removal = None if self.removal is None else torch.from_numpy(self.removal)
+        removal_score = None if self.removal_score is None else torch.from_numpy(self.removal_score)
         _, flags = verdicts(torch.from_numpy(self.original), torch.from_numpy(self.defended),
-                            torch.from_numpy(self.score), threshold, removal)
+                            torch.from_numpy(self.score), threshold, removal, removal_score, removal_threshold)
         flags = flags.numpy()
         # attacked: the answer with the suspect removed (the engine's final), where there was a removal check
         answer = self.defended if self.removal is None else np.where(self.removal != NO_REMOVAL, self.removal,
@@ -126,7 +134,7 @@ class Records:
     @classmethod
     def from_dict(cls, data: dict) -> Records:
         return cls.build(data["original"], data["confidence"], data["defended"], data["final"], data["score"],
-                         data["attacked"], data.get("removal"))
+                         data["attacked"], data.get("removal"), data.get("removal_score"))
 
 
 @dataclass(frozen=True)
@@ -359,17 +367,18 @@ def setting_row(method: str, lam: float | None, images: Reference, clean: Record
 
 
 def redecide_row(row: dict, images: Reference, targets: dict[str, int], threshold: float | None,
-                 photos: Sequence[dict] = ()) -> dict:
-    """A JSON row (:meth:`SettingRow.to_dict`) re-decided at ``threshold`` (:meth:`Records.decided_at`);
-    ``photos``: the whole photographs' ``name``, ``format`` and ``photo``."""
-    clean = Records.from_dict(row["per_image"]).decided_at(threshold)
-    patched = {name: Records.from_dict(attack["per_image"]).decided_at(threshold)
+                 photos: Sequence[dict] = (), removal_threshold: float | None = None) -> dict:
+    """A JSON row (:meth:`SettingRow.to_dict`) re-decided at ``threshold`` and ``removal_threshold``
+    (:meth:`Records.decided_at`); ``photos``: the whole photographs' ``name``, ``format`` and ``photo``."""
+    clean = Records.from_dict(row["per_image"]).decided_at(threshold, removal_threshold)
+    patched = {name: Records.from_dict(attack["per_image"]).decided_at(threshold, removal_threshold)
                for name, attack in row["attacks"].items()}
     extras = {name: {"ssim": attack.get("ssim"), "saliency": attack.get("saliency")}
               for name, attack in row["attacks"].items()}
     photos = None
     if row.get("whole_photos"):
-        photos = photo_figures(Records.from_dict(row["whole_photos"]["per_image"]).decided_at(threshold),
+        photos = photo_figures(Records.from_dict(row["whole_photos"]["per_image"]).decided_at(threshold,
+                                                                                          removal_threshold),
                                *described_columns(photos))
     return setting_row(row["method"], row["lambda"], images, clean, patched, targets,
                        saliency_method=row["saliency_method"], attack_threshold=threshold,
@@ -383,9 +392,10 @@ def described_columns(photos: Sequence[dict]) -> tuple[list[str], list[str], lis
 
 
 def rethreshold_rows(rows: list[dict], images: Reference, targets: dict[str, int],
-                     threshold_of: Callable[[dict], float | None], photos: Sequence[dict] = ()) -> list[dict]:
-    """Every row re-decided at ``threshold_of(row)``."""
-    return [redecide_row(row, images, targets, threshold_of(row), photos) for row in rows]
+                     threshold_of: Callable[[dict], float | None], photos: Sequence[dict] = (),
+                     removal_threshold_of: Callable[[dict], float | None] = lambda row: None) -> list[dict]:
+    """Every row re-decided at ``threshold_of(row)`` and ``removal_threshold_of(row)``."""
+    return [redecide_row(row, images, targets, threshold_of(row), photos, removal_threshold_of(row)) for row in rows]
 
 
 # Formatting helpers shared by the tables of attack eval and bench robustness.

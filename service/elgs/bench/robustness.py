@@ -43,6 +43,7 @@ from elgs.attacks.figures import (
     setting_row,
 )
 from elgs.attacks.patches import top_right_position
+from elgs.thresholds import REMOVAL_VIEW
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png"}
@@ -119,7 +120,8 @@ def records_of(answers: Sequence[dict]) -> Records:
                          confidence=[a["original_predictions"][0]["score"] for a in answers],
                          defended=top1("predictions"), final=top1("final_predictions"),
                          score=[a["attack_score"] for a in answers], attacked=[a["attacked"] for a in answers],
-                         removal=[(a.get("removal_top1") or {}).get("index") for a in answers])
+                         removal=[(a.get("removal_top1") or {}).get("index") for a in answers],
+                         removal_score=[a.get("removal_score") for a in answers])
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,8 @@ def evaluate_method(service: Service, method: str, work: Workload, *, workers: i
         threshold = thresholds.lookup(method, answers[0]["lambda"], answers[0].get("saliency"))
         if threshold is not None:
             decided_by = f"afterwards, at the threshold of {thresholds.source}"
-            parts = [part.decided_at(threshold) for part in parts]
+            removal_threshold = thresholds.lookup(REMOVAL_VIEW, answers[0]["lambda"])
+            parts = [part.decided_at(threshold, removal_threshold) for part in parts]
     clean, patched, photos = parts
     reference = Reference(labels=work.labels, answer=clean.original, confidence=clean.confidence,
                           confident_at=work.confident_at)

@@ -106,6 +106,7 @@ def _write_outputs(args: argparse.Namespace, model, result) -> None:
             "attack_score": result.attack_score, "attack_threshold": result.attack_threshold,
             "attacked": result.attacked, "final_predictions": [p.__dict__ for p in result.final_predictions],
             "removal_top1": result.removal_prediction.__dict__ if result.removal_prediction else None,
+            "removal_score": result.removal_score, "removal_threshold": result.removal_threshold,
             "path": result.path,
             "stages": [{"method": s.method, "lambda": s.lam, "attack_score": s.attack_score,
                         "attack_threshold": s.attack_threshold, "flagged": s.flagged,
@@ -132,10 +133,17 @@ def _final_line(result) -> str:
     if result.attacked is None:
         return (f"attack score {result.attack_score:.4f} (no calibrated threshold: run `elgs calibrate` or pass "
                 f"--attack-threshold); final: the defended answer, {final}")
-    verdict = "ATTACKED, final: the defended answer" if result.attacked else "clean, final: the original answer"
+    answered_by = "the answer with the suspect removed" if result.removal_prediction else "the defended answer"
+    verdict = f"ATTACKED, final: {answered_by}" if result.attacked else "clean, final: the original answer"
     threshold = "no threshold" if result.attack_threshold is None else f"threshold {result.attack_threshold:.4f}"
     changed = "" if result.attack_threshold is not None else " (the defence kept the top-1)"
-    return f"attack score {result.attack_score:.4f}, {threshold}{changed}: {verdict}, {final}"
+    removal = ""
+    if result.removal_score is not None:
+        removal_threshold = ("no threshold" if result.removal_threshold is None
+                             else f"threshold {result.removal_threshold:.4f}")
+        removal = (f"; removal view score {result.removal_score:.4f} ({removal_threshold}), "
+                   f"top-1 {result.removal_prediction.label}")
+    return f"attack score {result.attack_score:.4f}, {threshold}{changed}{removal}: {verdict}, {final}"
 
 
 def add_commands(subparsers) -> None:

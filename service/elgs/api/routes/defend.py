@@ -84,6 +84,7 @@ async def defend(
         saliency=result.saliency_method, attack_score=result.attack_score, attack_threshold=result.attack_threshold,
         attacked=result.attacked, final_predictions=inference.predictions(result.final_predictions),
         removal_top1=inference.predictions([result.removal_prediction])[0] if result.removal_prediction else None,
+        removal_score=result.removal_score, removal_threshold=result.removal_threshold,
         stages=[StageInfo(method=stage.method, lam=stage.lam, attack_score=stage.attack_score,
                           attack_threshold=stage.attack_threshold, flagged=stage.flagged,
                           top1=inference.predictions(stage.predictions[:1])[0]) for stage in result.stages],
