@@ -171,13 +171,16 @@ def test_paste_the_sample_patch_switch_sends_the_patched_image_and_shows_the_sal
                     info: text('patch-info'), score: text('attack-score'), verdict: text('attack-verdict'),
                     answer: text('final-answer'), verdictShown: !document.getElementById('verdict').hidden};
         })()""")
-        decided = {flag: browser.evaluate(f"""(() => {{
+        decided = {(flag, removal): browser.evaluate(f"""(() => {{
             showVerdict({{attack_score: 0.9, attack_threshold: 0.25, attacked: {flag},
-                          final_predictions: [{{label: 'toaster', score: 0.5}}]}});
+                          final_predictions: [{{label: 'toaster', score: 0.5}}],
+                          {"removal_top1: {label: 'toaster', score: 0.5}, removal_score: 1.5, removal_threshold: 1.1"
+                           if removal else ""}}});
             return [document.getElementById('attack-verdict').textContent,
                     document.getElementById('attack-verdict').className,
-                    document.getElementById('final-answer').textContent];
-        }})()""") for flag in ("true", "false")}
+                    document.getElementById('final-answer').textContent,
+                    document.getElementById('attack-score').textContent];
+        }})()""") for flag in ("true", "false") for removal in (True, False)}
         buffer = io.BytesIO()
         Image.fromarray(sent).save(buffer, format="PNG")
         png = buffer.getvalue()
@@ -203,8 +206,12 @@ def test_paste_the_sample_patch_switch_sends_the_patched_image_and_shows_the_sal
     assert ("LGS screen" if expected["path"] == "screen" else "decided by SLGS") in labels["score"]
     assert labels["verdict"] == {None: "undecided", False: "looks clean", True: "attacked"}[expected["attacked"]]
     assert labels["answer"].startswith(expected["final_predictions"][0]["label"] + " (")
-    assert decided["true"] == ["attacked", "verdict attacked", "toaster (50.0%), from the defended image"]
-    assert decided["false"] == ["looks clean", "verdict clean", "toaster (50.0%), from the original image"]
+    assert decided["true", True] == ["attacked", "verdict attacked",
+                                     "toaster (50.0%), from the image with the suspected patch removed",
+                                     "0.900 of 2 (threshold 0.250); suspect removed: 1.500 (threshold 1.100)"]
+    assert decided["true", False][:3] == ["attacked", "verdict attacked", "toaster (50.0%), from the defended image"]
+    assert decided["false", True][:3] == ["looks clean", "verdict clean", "toaster (50.0%), from the original image"]
+    assert decided["false", False][3] == "0.900 of 2 (threshold 0.250)"
     # the saliency view: the input where the region is 0 (the tiny model's region may be empty) ...
     inside = np.asarray(Image.open(io.BytesIO(base64.b64decode(region))).convert("L")) > 127
     assert np.abs(view.astype(int) - sent.astype(int))[~inside].max() <= 2

@@ -166,14 +166,18 @@ function showVerdict(answer) {
     ? ` (threshold ${answer.attack_threshold.toFixed(3)})` : " (no threshold calibrated for this model and method)";
   const path = answer.path
     ? `; ${answer.path === "screen" ? "answered by the LGS screen" : "flagged by the screen, decided by SLGS"}` : "";
-  $("attack-score").textContent = `${answer.attack_score.toFixed(3)} of 2${threshold}${path}`;
+  const removal = typeof answer.removal_score === "number"
+    ? `; suspect removed: ${answer.removal_score.toFixed(3)}` +
+      (typeof answer.removal_threshold === "number" ? ` (threshold ${answer.removal_threshold.toFixed(3)})` : "")
+    : "";
+  $("attack-score").textContent = `${answer.attack_score.toFixed(3)} of 2${threshold}${removal}${path}`;
   const verdict = answer.attacked === true ? "attacked" : answer.attacked === false ? "clean" : "undecided";
   $("attack-verdict").textContent = { attacked: "attacked", clean: "looks clean", undecided: "undecided" }[verdict];
   $("attack-verdict").className = `verdict ${verdict}`;
   const final = answer.final_predictions && answer.final_predictions[0];
-  $("final-answer").textContent = final
-    ? `${final.label} (${(100 * final.score).toFixed(1)}%), from the ${verdict === "clean" ? "original" : "defended"} image`
-    : "";
+  const source = verdict === "clean" ? "original image"
+    : verdict === "attacked" && answer.removal_top1 ? "image with the suspected patch removed" : "defended image";
+  $("final-answer").textContent = final ? `${final.label} (${(100 * final.score).toFixed(1)}%), from the ${source}` : "";
 }
 
 async function defend(event) {
