@@ -95,11 +95,16 @@ class Service:
         self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, trust_env=False)
         self.model = model
 
+    # How long one upload keeps being retried: a busy 2-core host answers SLGS at about 1 per second, and a
+    # server that sheds load says "retry in 1 s" long before the queue ahead of the caller has drained.
+    PATIENCE_S = 600.0
+
     def post(self, path: str, upload: Upload, **params) -> dict:
-        for _ in range(20):
+        give_up = time.monotonic() + self.PATIENCE_S
+        while True:
             response = self.client.post(path, params={"model": self.model, **params},
                                         files={"image": (upload.name, upload.data, upload.content_type)})
-            if response.status_code not in (503, 504):
+            if response.status_code not in (503, 504) or time.monotonic() > give_up:
                 break
             time.sleep(float(response.headers.get("Retry-After", 1)))
         if response.status_code != 200:
