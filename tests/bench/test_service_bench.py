@@ -95,14 +95,15 @@ def test_the_batched_floor_is_the_best_batch_the_server_can_form():
 
 
 @pytest.mark.parametrize(("method", "calls_per_batch"), [("slgs", 2), ("lgs", 2)])
-def test_floor_is_the_model_alone(method, calls_per_batch):
+def test_floor_is_a_plain_script_doing_the_requests_work(method, calls_per_batch):
     model = make_tiny_model()
     model.module.calls = 0
     rows = model_floor(model, sample_uploads(32, count=2), batch_sizes=[3, 1], duration_s=0.1, method=method)
     assert [row["batch_size"] for row in rows] == [3, 1]
     batches = sum(row["images"] // row["batch_size"] + 2 for row in rows)  # two warm-up batches per size
     assert model.module.calls == calls_per_batch * batches
-    assert rows[0]["passes"] == ("forward+input-gradient+forward" if method == "slgs" else "forward+forward")
+    assert rows[0]["passes"] == ("decode, forward+input-gradient" if method == "slgs" else "decode, forward") + \
+        ", forward (2 rows per image), 2 PNG encodes"  # pass 2: the defended image and the removal view
     assert all(row["throughput"] == pytest.approx(row["images"] / row["duration_s"]) for row in rows)
 
 
@@ -113,8 +114,12 @@ def test_floor_gradient_pass_carries_the_estimators_copies():
     model.module.forward = lambda x: (seen_rows.append(x.shape[0]), forward(x))[1]
     rows = model_floor(model, sample_uploads(32, count=2), batch_sizes=[2], duration_s=0.05, method="slgs",
                        saliency="smoothgrad:n=3,sigma=0.1")
-    assert rows[0]["passes"] == "forward+input-gradient (3 rows per image)+forward"
-    assert set(seen_rows) == {6, 2}  # pass 1 on 2 images x 3 copies, pass 2 on the 2 images
+    assert rows[0]["passes"] == "decode, forward+input-gradient (3 rows per image), forward (2 rows per image), " \
+        "2 PNG encodes"
+    assert set(seen_rows) == {6, 4}  # pass 1 on 2 images x 3 copies, pass 2 on 2 images and their removal views
+    seen_rows.clear()
+    model_floor(model, sample_uploads(32, count=2), batch_sizes=[2], duration_s=0.05, method="median")
+    assert set(seen_rows) == {2}  # a filter has no removal view: pass 1 and pass 2 on the 2 images
 
 
 def test_interleaved_ratio_alternates_engine_and_http(live_server):

@@ -5,18 +5,20 @@ for a fixed time per level and records each request's latency. By default it sta
 itself on 127.0.0.1 (``elgs serve`` in a subprocess), once with the server's own batching
 (``max_batch_size`` default) and once with ``ELGS_MAX_BATCH_SIZE=1``.
 
-The ceiling is the hardware's, not our code's: the **floor** is the model alone (forward +
-input-gradient backward + forward for the methods that need a saliency map, forward + forward for
-the others; no defence, no engine), at the server's batch size and at batch 1, in the main thread
-of a fresh process with torch's default threading, measured before and after the HTTP levels
-(:func:`model_floor`). The table gives every level's req/s over its server's floor, and latency at
+The ceiling is the hardware's, not our code's: the **floor** is a plain script doing the request's
+work (DESIGN 8): decode the uploaded PNGs (Pillow), forward + input-gradient backward over the
+estimator's rows for the methods that need a saliency map (a plain forward for the others), a forward
+of pass 2's rows (the defended image, and for the gradient defences the removal view), PNG encoding of
+the two result images (Pillow); no defence, no engine. It runs at the server's batch size and at batch
+1, in the main thread of a fresh process with torch's default threading, before and after the HTTP
+levels (:func:`model_floor`). The table gives every level's req/s over its server's floor, and latency at
 concurrency 1 against the batch-1 floor. The engine alone (:func:`engine_throughput`, with the
 defences) is an optional second line (``--engine``).
 
 What "the same images" means here: scikit-image photographs resized to the model's input size and
-uploaded as PNG; the floor and the engine run on the same photographs already decoded to tensors,
-so HTTP/floor is the price of the service layer (upload, decode, queueing, defences, PNG and
-base64 encoding of the two result images, JSON) and of sharing the CPUs with the load generator.
+uploaded as PNG; the floor decodes the same PNG bytes, the engine line runs on them already decoded,
+so HTTP/floor is the price of the service layer (upload, queueing, defences, base64, JSON) and of
+sharing the CPUs with the load generator.
 
 Run ``python benchmarks/load.py`` or ``elgs bench service`` (same options, :mod:`elgs.cli.bench`); needs
 the ``bench`` extra (httpx, matplotlib): ``pip install 'elgs[bench]'``.
@@ -219,26 +221,48 @@ def engine_throughput(model: str | LoadedModel, uploads: Sequence[bytes], *, bat
 def model_floor(model: str | LoadedModel, uploads: Sequence[bytes], *, batch_sizes: Sequence[int],
                 duration_s: float, method: str = "slgs", weights: str = "pretrained", device: str | None = None,
                 input_size: int | None = None, saliency: str | None = None) -> list[dict]:
-    """Images per second of the model alone at each of ``batch_sizes``: the service's floor.
+    """Images per second of a plain script doing a request's work at each of ``batch_sizes``: the floor.
 
-    Per batch: forward + input-gradient backward + forward when ``method`` needs a saliency map
-    (the engine's two passes), else forward + forward; no defence, no engine, nothing else. The
-    gradient pass carries as many copies of each image as the saliency estimator (``saliency``, default
-    the model's own: SmoothGrad with n copies runs n rows per image in pass 1). Call it
-    in the main thread of a fresh process (:func:`model_floor_in_subprocess`) for the hardware's
+    Per batch: decode the batch's PNG uploads (Pillow), forward + input-gradient backward when ``method``
+    needs a saliency map, else a plain forward (pass 1), a forward of pass 2's rows (each image, and again
+    as the removal view for the gradient defences: those with a block threshold), and PNG encoding of two
+    images per request (the defended image and the mask, Pillow at zlib level 1 as the service); no
+    defence, no engine. The gradient pass carries as many copies of each image as the saliency estimator
+    (``saliency``, default the model's own: SmoothGrad with n copies runs n rows per image in pass 1).
+    Call it in the main thread of a fresh process (:func:`model_floor_in_subprocess`) for the hardware's
     figure. Two warm-up batches per size are not timed.
     """
     import torch
 
     from elgs.defenses import get_defense, parse_saliency, saliency_from_loss, topk_loss
-    from elgs.images import image_to_tensor, open_image
     from elgs.models import load_model
 
     if isinstance(model, str):
         model = load_model(model, weights=weights, device=device, input_size=input_size)
-    needs_saliency = get_defense(method).needs_saliency
+    import numpy as np
+    from PIL import Image
+
+    defense = get_defense(method)
+    needs_saliency = defense.needs_saliency
     copies = parse_saliency(saliency or model.spec.default_saliency).n if needs_saliency else 1
-    images = [image_to_tensor(open_image(upload), model.input_size) for upload in uploads]
+    pass_two_rows = 2 if defense.uses_threshold else 1  # the gradient defences also classify the removal view
+
+    def decode(upload: bytes) -> torch.Tensor:
+        with Image.open(io.BytesIO(upload)) as image:
+            array = np.asarray(image.convert("RGB").resize((model.input_size, model.input_size)))
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
+
+    def encode(array: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+
+    def request_work(batch: list[bytes]) -> None:
+        x = torch.stack([decode(upload) for upload in batch]).to(model.device)
+        passes(x)
+        pixels = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for image in pixels:  # the defended image and the mask of each request
+            encode(image), encode(image[..., 0])
 
     def passes(x: torch.Tensor) -> None:
         if needs_saliency:
@@ -249,25 +273,26 @@ def model_floor(model: str | LoadedModel, uploads: Sequence[bytes], *, batch_siz
             with torch.inference_mode():
                 model.module(model.normalize(x))
         with torch.inference_mode():
-            model.module(model.normalize(x))
+            model.module(model.normalize(x.repeat(pass_two_rows, 1, 1, 1)))
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
 
     rows = []
     for batch_size in batch_sizes:
-        x = torch.stack([images[i % len(images)] for i in range(batch_size)]).to(model.device)
-        passes(x), passes(x)
+        batch = [uploads[i % len(uploads)] for i in range(batch_size)]
+        request_work(batch), request_work(batch)
         batches = 0
         started, cpu_started = time.perf_counter(), time.process_time()
         while time.perf_counter() - started < duration_s:
-            passes(x)
+            request_work(batch)
             batches += 1
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         rows.append({"batch_size": batch_size, "images": batches * batch_size, "duration_s": elapsed,
                      "throughput": batches * batch_size / elapsed, "batch_ms": elapsed / batches * 1000,
                      "cpu_ms_per_image": cpu / (batches * batch_size) * 1000,
-                     "passes": ("forward+forward" if not needs_saliency else "forward+input-gradient+forward"
-                                if copies == 1 else f"forward+input-gradient ({copies} rows per image)+forward"),
+                     "passes": ("decode, " + ("forward" if not needs_saliency else "forward+input-gradient"
+                                if copies == 1 else f"forward+input-gradient ({copies} rows per image)")
+                                + f", forward ({pass_two_rows} rows per image), 2 PNG encodes"),
                      "device": str(model.device), "threads": torch.get_num_threads()})
     return rows
 
@@ -449,7 +474,8 @@ def format_table(levels: Sequence[LevelResult], engine: dict[str, dict] | None =
         lines.append(f"{level.mode:<14} {level.concurrency:>4} {level.throughput:>8.2f} {ratio} {level.p50_ms:>8.1f} "
                      f"{level.p95_ms:>8.1f} {level.p99_ms:>8.1f} {level.mean_batch_size:>6.2f} {level.errors:>6} {cpu}")
     if floor:
-        lines.append("floor (model alone, main thread of a fresh process, mean of before/after the HTTP levels): " +
+        lines.append("floor (a plain script doing the request's work: decode, passes, PNG encode; main thread of a "
+                     "fresh process, mean of before/after the HTTP levels): " +
                      "; ".join(f"batch {b}: {row['throughput']:.2f} img/s ({row['before']:.2f}/{row['after']:.2f}), "
                                f"{row['batch_ms']:.1f} ms per batch" +
                                (f", {row['cpu_ms_per_image']:.1f} CPU ms per image" if "cpu_ms_per_image" in row else "")
@@ -540,7 +566,7 @@ def plot(levels: Sequence[LevelResult], engine: dict[str, dict] | None, path: st
         if floor and servers and mode in servers:
             best = best_floor(floor, servers[mode])
             throughput_axes.axhline(best["throughput"], color=colour, linestyle="--",
-                                    label=f"floor: model alone, batch {best['batch_size']}")
+                                    label=f"floor: plain script, batch {best['batch_size']}")
         if engine and mode in engine:
             throughput_axes.axhline(engine[mode]["throughput"], color=colour, linestyle=":",
                                     label=f"engine alone, batch {engine[mode]['batch_size']}")
@@ -582,7 +608,7 @@ def run_service_benchmark(*, model: str = "efficientnet_lite0", weights: str = "
         api_key: sent as ``Authorization: Bearer``.
         batched_max_batch_size: ``ELGS_MAX_BATCH_SIZE`` of the batching-on server; None keeps the
             server's default (CPU 4, GPU 32).
-        floor: measure the model alone (:func:`model_floor`) at the batched server's batch size and at
+        floor: measure the plain script's floor (:func:`model_floor`) at the batched server's batch size and at
             batch 1, in a fresh process, before and after the levels; under this environment's threading
             and under ``omp_wait_policy``, keeping the faster of the two.
         engine: also measure the engine alone, in a fresh process with the servers' environment, at
