@@ -257,16 +257,13 @@ def judge(original_top1: int, defended_top1: int, score: float, threshold: float
     Without a threshold a changed top-1 is undecided (None) unless the removal view flags it; an image
     neither view changes is never attacked.
     """
-    removal = None if removal_top1 is None else torch.tensor([removal_top1])
-    removal_scores = None if removal_score is None else torch.tensor([removal_score])
-    if threshold is None:
-        _, by_removal = verdicts(torch.tensor([original_top1]), torch.tensor([defended_top1]), torch.tensor([score]),
-                                 math.inf, removal, removal_scores, removal_threshold)
-        if bool(by_removal):
-            return True, True
-        return (False, False) if defended_top1 == original_top1 else (None, None)
-    flagged, attacked = verdicts(torch.tensor([original_top1]), torch.tensor([defended_top1]), torch.tensor([score]),
-                                 threshold, removal, removal_scores, removal_threshold)
+    flagged, attacked = verdicts(
+        torch.tensor([original_top1]), torch.tensor([defended_top1]), torch.tensor([score]),
+        math.inf if threshold is None else threshold,  # no threshold: only the removal view can flag
+        None if removal_top1 is None else torch.tensor([removal_top1]),
+        None if removal_score is None else torch.tensor([removal_score]), removal_threshold)
+    if threshold is None and not attacked and defended_top1 != original_top1:
+        return None, None
     return bool(flagged), bool(attacked)
 
 
@@ -418,7 +415,7 @@ def defend(model: LoadedModel, x: torch.Tensor, requests: Sequence[Request],
     images = torch.empty_like(x)
     masks = torch.empty((x.shape[0], 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
     removal = torch.zeros_like(masks)
-    has_removal = [False] * len(requests)
+    removal_rows: list[int] = []
     by_defense: dict[str, list[int]] = {}
     for row, request in enumerate(requests):
         by_defense.setdefault(stage_defense(request).name, []).append(row)
@@ -435,9 +432,8 @@ def defend(model: LoadedModel, x: torch.Tensor, requests: Sequence[Request],
         masks[index] = output.mask.to(x.dtype)
         if output.removal is not None:
             removal[index] = output.removal.to(x.dtype)
-            for r in rows:
-                has_removal[r] = True
-    removal_rows = [r for r, flag in enumerate(has_removal) if flag]
+            removal_rows += rows
+    removal_rows.sort()
     index = torch.tensor(removal_rows, device=x.device, dtype=torch.long)
     removal_images = fill_with_own_mean(x[index], removal[index])
     return DefendedBatch(images=images, masks=masks, removal_rows=removal_rows, removal_images=removal_images)
