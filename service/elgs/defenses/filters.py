@@ -80,6 +80,11 @@ def _median_of_nine(values: list[torch.Tensor]) -> torch.Tensor:
     return values[4]
 
 
+# Up to this radius (sigma <= 1, the gaussian defence's default) the blur sums shifted slices; beyond it,
+# depthwise conv2d: at sigma 8 (radius 24) on a 224 px image it took half the time at batch 1 and a seventh at 8.
+_SLICED_RADIUS = 3
+
+
 def gaussian_kernel1d(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Normalised 1-D Gaussian of radius ``ceil(3 sigma)``; shape (2 * radius + 1,)."""
     radius = max(1, math.ceil(3 * sigma))
@@ -106,7 +111,11 @@ def gaussian(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     kernel = gaussian_kernel1d(sigma, x.dtype, x.device)
     radius = kernel.numel() // 2
     padded = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    if radius > _SLICED_RADIUS:  # long kernels (the removal view's fill): a depthwise conv2d per axis is faster
+        channels = x.shape[1]
+        rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+        return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
     h, w = x.shape[-2:]
-    # Sums of shifted slices, one per tap: faster than single-channel conv2d on the CPU.
+    # Sums of shifted slices, one per tap: faster than single-channel conv2d on the CPU for short kernels.
     rows = sum(weight * padded[..., :, tap : tap + w] for tap, weight in enumerate(kernel))
     return sum(weight * rows[..., tap : tap + h, :] for tap, weight in enumerate(kernel))
