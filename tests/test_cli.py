@@ -123,3 +123,16 @@ def test_console_script_help_lists_defences():
     out = subprocess.run([sys.executable, "-m", "elgs", "defenses"], capture_output=True, text=True, check=True).stdout
     for name in ("lgs", "slgs", "wlgs", "jpeg", "median", "gaussian", "none"):
         assert f"\n{name} " in "\n" + out
+
+
+def test_data_uploads_writes_each_format_into_its_own_folder(tmp_path, capsys):
+    assert main(["data", "uploads", "--out", str(tmp_path)]) == 0
+    png, jpeg = sorted((tmp_path / "photos-png").iterdir()), sorted((tmp_path / "photos-jpeg").iterdir())
+    assert len(png) == len(jpeg) == 88  # 22 photographs x 4 variants; 'native' is left out by default
+    assert png[0].name == "astronaut-1024px.png" and jpeg[0].name == "astronaut-1024px.jpg"
+    assert not any("native" in p.name for p in png + jpeg)
+    with Image.open(png[0]) as image:
+        assert image.format == "PNG" and max(image.size) == 1024
+    with Image.open(jpeg[0]) as image:
+        assert image.format == "JPEG" and max(image.size) == 1024
+    assert "88 uploads in" in capsys.readouterr().out

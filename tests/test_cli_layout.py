@@ -42,7 +42,7 @@ def test_the_commands_are_all_there():
                         ("bench", "defenses"), ("bench", "service"), ("bench", "robustness"), ("bench", "flood"),
                         ("bench", "placement"), ("bench", "precision"), ("bench", "estimators"),
                         ("bench", "saliency-probe"), ("bench", "through"), ("serve",), ("attack", "train"),
-                        ("attack", "eval"), ("data", "samples")]
+                        ("attack", "eval"), ("data", "samples"), ("data", "uploads")]
 
 
 @pytest.mark.parametrize("path", [(), *COMMANDS, ("models",), ("bench",), ("attack",), ("data",)],

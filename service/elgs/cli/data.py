@@ -1,4 +1,4 @@
-"""``elgs data samples``: an offline image set from scikit-image's photographs, for the attacks."""
+"""``elgs data samples|uploads``: offline image sets from scikit-image's photographs (attacks, calibration)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,23 @@ def _data_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_uploads(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from elgs.attacks.data import WHOLE_PHOTO_VARIANTS, whole_photos
+
+    variants = [v for v in WHOLE_PHOTO_VARIANTS if args.native or v.label != "native"]
+    counts: dict[str, int] = {}
+    for upload in whole_photos(variants=variants, jpeg_quality=args.jpeg_quality):
+        folder = Path(args.out) / f"photos-{upload.format.lower()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / upload.name).write_bytes(upload.data)
+        counts[folder.name] = counts.get(folder.name, 0) + 1
+    print(", ".join(f"{n} uploads in {Path(args.out) / name}" for name, n in counts.items())
+          + f" ({', '.join(v.label for v in variants)})")
+    return 0
+
+
 def add_commands(subparsers) -> None:
     data = subparsers.add_parser("data", help="data sets for attacks")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -48,3 +65,16 @@ def add_commands(subparsers) -> None:
                          help="redraw crops whose top-1 probability is below this (default 0.3; 0 keeps all)")
     samples.add_argument("--seed", type=int, default=0, help="seeds the crops, flips and split (default 0)")
     samples.set_defaults(handler=_data_samples)
+    uploads = data_sub.add_parser(
+        "uploads", help="write whole photographs as users upload them (the calibration's photo kinds)",
+        description="Every photograph of elgs.attacks.data.WHOLE_PHOTOS, re-framed (1024 and 320 px long side, "
+                    "16:9 and 3:4 crops) and encoded as JPEG and PNG, into OUT/photos-jpeg and OUT/photos-png: "
+                    "pass each folder to `elgs calibrate --data` so the false-positive rate is reported per format.",
+    )
+    uploads.add_argument("--out", required=True, help="folder to write")
+    uploads.add_argument("--native", action="store_true",
+                         help="also the photographs at their own size (left out by default: the held-out uploads "
+                              "of `attack eval --whole-photos native` and `bench robustness`)")
+    uploads.add_argument("--jpeg-quality", type=int, default=90, choices=range(1, 96), metavar="1-95",
+                         help="Pillow's JPEG quality (default 90)")
+    uploads.set_defaults(handler=_data_uploads)
