@@ -63,3 +63,13 @@ def photos() -> dict[str, torch.Tensor]:
     """Eight scikit-image photographs at 32x32, (3, 32, 32) each."""
     names = ["chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "camera", "cat"]
     return {name: image_to_tensor(sample_photo(name), 32) for name in names}
+
+
+def patched_photo() -> torch.Tensor:
+    """hubble_deep_field at 32x32 with a 10 px checkerboard "patch" at rows 2-11, columns 11-20, (3, 32, 32).
+
+    The patch turns the tiny CNN's top-1 from 9 to 1; LGS at lambda 3.5 and the removal view both give 9 back.
+    """
+    x = image_to_tensor(sample_photo("hubble_deep_field"), 32)
+    x[:, 2:12, 11:21] = ((torch.arange(10)[:, None] + torch.arange(10)[None]) % 2).to(x.dtype)
+    return x

@@ -7,7 +7,7 @@ import torch
 
 from elgs.engine import Engine, Request, judge, stage_defense, verdicts
 from elgs.thresholds import REMOVAL_VIEW, AttackThresholds, ThresholdEntry
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, patched_photo
 
 
 @pytest.mark.parametrize(("original", "defended", "score", "threshold", "removal", "expected"), [
@@ -68,7 +68,7 @@ def test_auto_answers_unflagged_images_at_the_screen_in_two_forwards(photos):
 def test_the_removal_view_alone_escalates_and_decides(photos):
     """A patch that survives the smoothing is invisible to the defended views; the removal view still sees it."""
     model = make_tiny_model()
-    x = photos["astronaut"]  # LGS 3.5 and the hard removal both change the tiny model's top-1 on it
+    x = patched_photo()  # LGS 3.5 and the removal view both change the tiny model's top-1 on it
     blind = Engine(model, thresholds=_thresholds(lgs=2.0, slgs=2.0))  # the defended views never flag
     (unseen,) = blind.run([Request(image=x, method="auto", lam=3.5, saliency="gradient")])
     assert unseen.path == "screen" and unseen.attacked is False and unseen.final_predictions == unseen.predictions

@@ -35,9 +35,10 @@ from elgs.defenses import (
     THRESHOLD_RANGE,
     Defense,
     DefenseInput,
+    REMOVAL_FILL_SIGMA,
     PassOne,
     SaliencyConfig,
-    fill_with_own_mean,
+    fill_from_surroundings,
     get_defense,
     parse_saliency,
     saliency_pass,
@@ -392,8 +393,8 @@ class DefendedBatch:
         images: defended images (D, 3, H, W) in [0, 1].
         masks: applied suppression (D, 1, H, W) in [0, 1].
         removal_rows: the rows that get the removal check (the gradient defences, a cascade's screen included).
-        removal_images: those rows' images with the suspected patch replaced by each image's own mean colour
-            (:func:`~elgs.defenses.fill_with_own_mean`), (R, 3, H, W).
+        removal_images: those rows' images with the suspected patch replaced by its surroundings
+            (:func:`~elgs.defenses.fill_from_surroundings`), (R, 3, H, W).
     """
 
     images: torch.Tensor
@@ -435,7 +436,7 @@ def defend(model: LoadedModel, x: torch.Tensor, requests: Sequence[Request],
             removal_rows += rows
     removal_rows.sort()
     index = torch.tensor(removal_rows, device=x.device, dtype=torch.long)
-    removal_images = fill_with_own_mean(x[index], removal[index])
+    removal_images = fill_from_surroundings(x[index], removal[index], REMOVAL_FILL_SIGMA * x.shape[-1])
     return DefendedBatch(images=images, masks=masks, removal_rows=removal_rows, removal_images=removal_images)
 
 

@@ -11,11 +11,13 @@ from PIL import Image
 
 from elgs.api import create_app
 from elgs.defenses import DEFENSES
+from elgs.images import encode_png
 from tests.api.helpers import photo_png, tiny_settings
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, patched_photo
 
 CAT = photo_png("chelsea")
 ASTRONAUT = photo_png("astronaut", None)
+PATCHED = encode_png(patched_photo())  # 32x32: decoded as it is
 
 
 def _ready(client: TestClient) -> TestClient:
@@ -110,12 +112,12 @@ def test_models_and_defenses_list_defaults_and_ranges(client):
 
 
 def test_defend_attack_threshold_decides_and_picks_final_predictions(client):
-    astronaut = _upload(ASTRONAUT, "astronaut.png")  # LGS 3.5 changes the tiny model's top-1 on it, and so does removing the suspect
-    flagged = client.post("/defend/lgs", params={"lambda": 3.5, "attack_threshold": 0}, files=astronaut).json()
+    patched = _upload(PATCHED, "patched.png")  # LGS 3.5 changes the tiny model's top-1 on it, and so does removing the suspect
+    flagged = client.post("/defend/lgs", params={"lambda": 3.5, "attack_threshold": 0}, files=patched).json()
     assert flagged["predictions"][0]["index"] != flagged["original_predictions"][0]["index"]
     assert flagged["attack_score"] > 0 and flagged["attack_threshold"] == 0 and flagged["attacked"] is True
     assert flagged["final_predictions"][0] == flagged["removal_top1"]  # attacked: the suspect removed outright
-    kept = client.post("/defend/lgs", params={"lambda": 3.5, "attack_threshold": 2}, files=astronaut).json()
+    kept = client.post("/defend/lgs", params={"lambda": 3.5, "attack_threshold": 2}, files=patched).json()
     assert kept["attacked"] is False and kept["final_predictions"] == kept["original_predictions"]
     assert kept["attack_score"] == flagged["attack_score"]
     assert kept["saliency"] is None  # lgs uses no saliency

@@ -16,6 +16,8 @@ THRESHOLD_RANGE = (0.0, 1.0)
 DEFAULT_THRESHOLD = 0.2
 # LGS suppression from which a pixel counts as part of the suspected patch for the removal check.
 REMOVAL_STRENGTH = 0.5
+# The removal view's neighbourhood (fill_from_surroundings' sigma) as a share of the image side: 8 px at 224.
+REMOVAL_FILL_SIGMA = 8 / 224
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class DefenseInput:
 class DefenseOutput:
     """What a defence returns: ``image`` (B, 3, H, W) in [0, 1], the applied ``mask`` (B, 1, H, W) in [0, 1]
     and, for the gradient defences, ``removal`` (B, 1, H, W), 0/1: the pixels a hard removal of the
-    suspected patch replaces by the image's own mean colour (LGS's own suppression at least :data:`REMOVAL_STRENGTH`),
+    suspected patch replaces by its surroundings (LGS's own suppression at least :data:`REMOVAL_STRENGTH`),
     which the engine's verdict checks the original answer against (design.md, section 2.6)."""
 
     image: torch.Tensor

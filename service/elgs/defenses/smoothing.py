@@ -2,7 +2,8 @@
 
 :func:`smooth` applies it to model-normalised images; :func:`smooth_pixels` is the same formula carried to
 pixel space, which is what the defences return (``T * std + mean``, clamped to [0, 1]).
-:func:`fill_with_own_mean` is the hard removal of the verdict's check.
+:func:`fill_from_surroundings` is the hard removal of the verdict's check (:func:`fill_with_own_mean` its
+far-field colour).
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import torch
 
 from elgs.defenses._checks import as_per_sample, check_image_batch
+from elgs.defenses.filters import gaussian
+
+# Kept-pixel weight (out of 1) below which the fill fades to the image's own mean colour: the far field.
+_FAR_FIELD_WEIGHT = 1e-3
 
 
 def suppression(mask: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
@@ -65,7 +70,7 @@ def smooth_pixels(x: torch.Tensor, strength: torch.Tensor, mean: torch.Tensor) -
 def fill_with_own_mean(x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """Replace ``region`` of each image by that image's mean colour over the pixels outside it.
 
-    The removal check's view (design.md, section 3.2). The image's own colour, not the dataset mean: a grey
+    The far field of :func:`fill_from_surroundings`. The image's own colour, not the dataset mean: a grey
     square on a dark photograph is an object of its own (on seed-7 training crops it turned bubbles into
     spotlights), where a square of the photograph's own colour reads as background. An image whose region
     covers every pixel gets the region's own mean.
@@ -87,3 +92,31 @@ def fill_with_own_mean(x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     weights = torch.where(kept_pixels > 0, keep, everywhere)
     colour = (x * weights).sum(dim=(2, 3), keepdim=True) / weights.sum(dim=(2, 3), keepdim=True)
     return torch.lerp(x, colour.expand_as(x), region)
+
+
+def fill_from_surroundings(x: torch.Tensor, region: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Replace ``region`` of each image by its surroundings: the removal check's view (design.md, section 3.2).
+
+    Each replaced pixel gets the Gaussian-weighted (std ``sigma``) mean of the kept pixels around it
+    (normalised convolution), fading into the image's own mean colour (:func:`fill_with_own_mean`) where
+    the kept pixels' weight drops towards 1e-3, about three ``sigma`` inside the region. A region narrower than
+    a few ``sigma`` takes its neighbours' colours; the middle of a large one is the own-colour square with
+    its rim blended into what surrounds it, which reads less as an object of its own than a hard-edged
+    square on texture (seed-7 crops, docs/attacks.md section 7.6).
+
+    Args:
+        x: pixel-space images in [0, 1] of shape (B, C, H, W).
+        region: 0/1 tensor of shape (B, 1, H, W), 1 where the pixel is replaced.
+        sigma: the neighbourhood's standard deviation in pixels, > 0.
+
+    Returns:
+        tensor shaped like ``x``, equal to ``x`` outside ``region``; ``x`` itself is not modified.
+    """
+    far = fill_with_own_mean(x, region)  # also checks the shapes
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    region = region.to(x.dtype)
+    keep = 1.0 - region
+    near = gaussian(torch.cat([x * keep, keep], dim=1), sigma)  # (B, C + 1, H, W): weighted sums, then weights
+    colour = (near[:, :-1] + _FAR_FIELD_WEIGHT * far) / (near[:, -1:] + _FAR_FIELD_WEIGHT)
+    return torch.lerp(x, colour, region)
