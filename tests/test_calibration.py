@@ -136,3 +136,22 @@ def test_create_app_reads_the_calibration_file_of_its_settings(tmp_path, monkeyp
         answer = client.post("/defend/lgs", params={"lambda": 3.5},
                              files={"image": ("cat.png", photo_png("chelsea"), "image/png")}).json()
     assert answer["attack_threshold"] == 0.123
+
+
+def test_clean_views_leave_out_answers_the_model_does_not_give(photos):
+    """The calibration judges as the engine does: an original top-1 below MIN_ANSWER_PROBABILITY is never attacked,
+    so its scores set no threshold."""
+    from elgs.calibration import CleanViews
+
+    views = CleanViews(scores=torch.tensor([1.5, 1.5, 0.2]), original=torch.tensor([3, 3, 3]),
+                       defended=torch.tensor([4, 4, 3]), removal=torch.tensor([5, 5, 6]),
+                       removal_scores=torch.tensor([1.8, 1.8, 1.2]), kinds=["photos"] * 3,
+                       probability=torch.tensor([0.05, 0.5, 0.5]))
+    torch.testing.assert_close(views.removal_verdict_scores(), torch.tensor([0.0, 1.8, 1.2]))
+    torch.testing.assert_close(views.verdict_scores(), torch.tensor([0.0, 1.5, 0.0]))
+    assert views.attacked(1.0, 1.0).tolist() == [False, True, True]
+    model = make_tiny_model()
+    x = torch.stack(list(photos.values()))
+    (lgs,) = clean_views(model, [x], [Setting("lgs", 3.5, None)]).values()
+    results = Engine(model).run([Request(image=image, method="lgs", lam=3.5) for image in x])
+    torch.testing.assert_close(lgs.probability, torch.tensor([r.predictions[0].score for r in results]))

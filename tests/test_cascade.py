@@ -44,6 +44,26 @@ def test_judge_with_the_removal_view_by_hand(defended, score, threshold, removal
                                                               and score > threshold and removal != 3))
 
 
+@pytest.mark.parametrize(("probability", "expected"), [
+    (0.05, (False, False)),  # a flat softmax (a texture photograph): no answer to protect, never attacked
+    (0.0999, (False, False)),
+    (0.1, (True, True)),     # MIN_ANSWER_PROBABILITY and above: judged as before
+    (0.9, (True, True)),
+])
+def test_no_verdict_on_an_answer_the_model_does_not_give(probability, expected):
+    from elgs.engine import MIN_ANSWER_PROBABILITY
+
+    assert MIN_ANSWER_PROBABILITY == 0.1
+    assert judge(3, 4, 1.9, 0.5, 5, 1.9, 1.0, probability=probability) == expected  # both views flag
+    assert judge(3, 3, 0.1, 0.5, 5, 1.9, 1.0, probability=probability) == expected  # the removal view alone
+    undecided = judge(3, 4, 1.9, None, 5, 0.1, 1.0, probability=probability)  # no threshold
+    assert undecided == ((False, False) if probability < 0.1 else (None, None))
+    flagged, attacked = verdicts(torch.tensor([3, 3]), torch.tensor([4, 4]), torch.tensor([1.9, 1.9]), 0.5,
+                                 torch.tensor([5, 5]), torch.tensor([1.9, 1.9]), 1.0,
+                                 torch.tensor([probability, 0.9]))
+    assert (bool(flagged[0]), bool(attacked[0])) == expected and bool(attacked[1])
+
+
 def _thresholds(lgs: float, slgs: float, removal: float | None = None) -> AttackThresholds:
     removal_entry = () if removal is None else (ThresholdEntry(REMOVAL_VIEW, 3.5, None, removal),)
     return AttackThresholds(model="tiny", input_size=32, fpr=0.05, images=10, data="", entries=(

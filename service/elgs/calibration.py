@@ -19,6 +19,7 @@ import torch
 
 from elgs.defenses import DEFAULT_THRESHOLD, get_defense, parse_saliency
 from elgs.engine import (
+    MIN_ANSWER_PROBABILITY,
     NO_REMOVAL,
     ModelDefaults,
     Request,
@@ -102,6 +103,8 @@ class CleanViews:
         removal: top-1 classes with the suspect removed (N,), :data:`elgs.engine.NO_REMOVAL` without a check.
         removal_scores: attack scores of the removal view (N,), 0 without a check.
         kinds: the kind of each image (e.g. ``crops``, ``photos``), N strings.
+        probability: the original top-1 probabilities (N,); None: every answer counts
+            (:data:`elgs.engine.MIN_ANSWER_PROBABILITY`).
     """
 
     scores: torch.Tensor
@@ -110,6 +113,7 @@ class CleanViews:
     removal: torch.Tensor
     removal_scores: torch.Tensor
     kinds: list[str]
+    probability: torch.Tensor | None = None
 
     @property
     def has_removal(self) -> bool:
@@ -120,13 +124,15 @@ class CleanViews:
         """Each image's removal-view score where that view changed the top-1, else 0: the removal view alone calls
         an image attacked exactly where this is above its threshold."""
         changed = (self.removal != self.original) & (self.removal != NO_REMOVAL)
+        if self.probability is not None:
+            changed &= self.probability >= MIN_ANSWER_PROBABILITY
         return torch.where(changed, self.removal_scores, torch.zeros_like(self.removal_scores))
 
     def verdict_scores(self, removal_threshold: float | None = None) -> torch.Tensor:
         """Each image's score where the defended view could call it attacked at some threshold (changed top-1,
         removal check failed) and the removal view at ``removal_threshold`` does not already, else 0: the
         verdict is attacked where this is above the threshold, or the removal view says so."""
-        could = verdicts(self.original, self.defended, self.scores, -1.0, self.removal)[1]
+        could = verdicts(self.original, self.defended, self.scores, -1.0, self.removal, probability=self.probability)[1]
         could &= ~self.attacked_by_removal(removal_threshold)
         return torch.where(could, self.scores, torch.zeros_like(self.scores))
 
@@ -140,7 +146,7 @@ class CleanViews:
         """The engine's verdict at ``threshold`` (and ``removal_threshold``) for each image
         (:func:`elgs.engine.verdicts`), (N,) bool."""
         return verdicts(self.original, self.defended, self.scores, threshold, self.removal,
-                        self.removal_scores, removal_threshold)[1]
+                        self.removal_scores, removal_threshold, self.probability)[1]
 
     def flagged_by_kind(self, threshold: float, removal_threshold: float | None = None) -> dict[str, float]:
         """The share of each kind's images the verdict calls attacked at ``threshold``."""
@@ -185,7 +191,7 @@ def clean_views(model: LoadedModel, chunks: Iterable[Chunk], settings: Sequence[
             group = [s for s in settings if s.saliency == spec]
             first = first_pass(model, x, [resolve_request(_setting_request(image, group[0], threshold), defaults)
                                           for image in images])
-            original_top1 = first.logits.argmax(dim=1)
+            probability, original_top1 = torch.softmax(first.logits.float(), dim=1).max(dim=1)
             for setting in group:
                 requests = [resolve_request(_setting_request(image, setting, threshold), defaults) for image in images]
                 defended = defend(model, x, requests, first.saliency)
@@ -197,10 +203,12 @@ def clean_views(model: LoadedModel, chunks: Iterable[Chunk], settings: Sequence[
                     removal[rows] = removal_logits.argmax(dim=1)
                     removal_scores[rows.cpu()] = attack_scores(first.logits[rows], removal_logits).cpu()
                 collected[setting].append((attack_scores(first.logits, logits).cpu(), original_top1.cpu(),
-                                           logits.argmax(dim=1).cpu(), removal.cpu(), removal_scores))
+                                           logits.argmax(dim=1).cpu(), removal.cpu(), removal_scores,
+                                           probability.detach().cpu()))
     empty = torch.empty(0, dtype=torch.long)
-    return {s: CleanViews(*(torch.cat([v[i] for v in values]) for i in range(5)), kinds=list(kinds))
-            if values else CleanViews(torch.empty(0), empty, empty, empty, torch.empty(0), [])
+    return {s: CleanViews(*(torch.cat([v[i] for v in values]) for i in range(5)), kinds=list(kinds),
+                          probability=torch.cat([v[5] for v in values]))
+            if values else CleanViews(torch.empty(0), empty, empty, empty, torch.empty(0), [], torch.empty(0))
             for s, values in collected.items()}
 
 

@@ -217,16 +217,22 @@ def decide(score: float, threshold: float | None) -> bool | None:
 
 
 NO_REMOVAL = -1  # in a removal top-1 tensor: the image had no removal check
+# The least original top-1 probability the verdict protects. Below it the model gives no answer a patch could
+# have made (the patches here push their class to 0.25 and more), and a view that reshuffles such a flat
+# softmax is no attack: texture photographs (gravel 0.05, cell 0.03) moved it past the thresholds.
+MIN_ANSWER_PROBABILITY = 0.1
 
 
 def verdicts(original: torch.Tensor, defended: torch.Tensor, scores: torch.Tensor, threshold: float,
              removal: torch.Tensor | None = None, removal_scores: torch.Tensor | None = None,
-             removal_threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             removal_threshold: float | None = None,
+             probability: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The verdict of many images: ``(flagged, attacked)``, bool tensors (N,) (design.md, section 3.2).
 
     ``flagged``: a view changed the top-1 *and* moved the softmax by more than its threshold (a
     probability shift that keeps the answer is harmless): the defended view (``scores > threshold``) or
-    the removal view (``removal_scores > removal_threshold``, when calibrated). ``attacked``: flagged, and
+    the removal view (``removal_scores > removal_threshold``, when calibrated); never an image whose original
+    top-1 probability is below :data:`MIN_ANSWER_PROBABILITY` (no answer to protect). ``attacked``: flagged, and
     the original top-1 does not survive removing the suspected patch outright (``removal``; when it
     survives, the patch was not what made the answer, so a defence that changed it was steered, not
     repairing).
@@ -240,30 +246,33 @@ def verdicts(original: torch.Tensor, defended: torch.Tensor, scores: torch.Tenso
             None: no check for any image.
         removal_scores: attack scores of the removal view (N,) (ignored where there was no check).
         removal_threshold: their threshold; None: the removal view does not flag on its own.
+        probability: the original top-1 probabilities (N,); None: every answer counts.
     """
     flagged = (defended != original) & (scores > threshold)
-    if removal is None:
-        return flagged, flagged
-    removed = removal != original
-    if removal_scores is not None and removal_threshold is not None:
-        flagged = flagged | (removed & (removal != NO_REMOVAL) & (removal_scores > removal_threshold))
-    return flagged, flagged & removed
+    if removal is not None and removal_scores is not None and removal_threshold is not None:
+        flagged = flagged | ((removal != original) & (removal != NO_REMOVAL) & (removal_scores > removal_threshold))
+    if probability is not None:
+        flagged = flagged & (probability >= MIN_ANSWER_PROBABILITY)
+    return flagged, flagged if removal is None else flagged & (removal != original)
 
 
 def judge(original_top1: int, defended_top1: int, score: float, threshold: float | None,
           removal_top1: int | None = None, removal_score: float | None = None,
-          removal_threshold: float | None = None) -> tuple[bool | None, bool | None]:
-    """:func:`verdicts` of one image, ``(flagged, attacked)`` (design.md, section 3.2).
+          removal_threshold: float | None = None, probability: float | None = None) -> tuple[bool | None, bool | None]:
+    """:func:`verdicts` of one image, ``(flagged, attacked)`` (design.md, section 3.2); ``probability``: the
+    original top-1's.
 
     Without a threshold a changed top-1 is undecided (None) unless the removal view flags it; an image
-    neither view changes is never attacked.
+    neither view changes, or whose original top-1 is below :data:`MIN_ANSWER_PROBABILITY`, is never attacked.
     """
     flagged, attacked = verdicts(
         torch.tensor([original_top1]), torch.tensor([defended_top1]), torch.tensor([score]),
         math.inf if threshold is None else threshold,  # no threshold: only the removal view can flag
         None if removal_top1 is None else torch.tensor([removal_top1]),
-        None if removal_score is None else torch.tensor([removal_score]), removal_threshold)
-    if threshold is None and not attacked and defended_top1 != original_top1:
+        None if removal_score is None else torch.tensor([removal_score]), removal_threshold,
+        None if probability is None else torch.tensor([probability]))
+    answers = probability is None or probability >= MIN_ANSWER_PROBABILITY
+    if threshold is None and not attacked and defended_top1 != original_top1 and answers:
         return None, None
     return bool(flagged), bool(attacked)
 
@@ -604,7 +613,8 @@ class Engine:
         threshold = self.attack_threshold(request, defense)
         removal_threshold = self.removal_threshold(request) if removal is not None else None
         flagged, attacked = judge(result.predictions[0].index, defended[0].index, score, threshold,
-                                  None if removal is None else removal[0].index, removal_score, removal_threshold)
+                                  None if removal is None else removal[0].index, removal_score, removal_threshold,
+                                  result.predictions[0].score)
         stage = Stage(method=defense.name, lam=request.lam, attack_score=score, attack_threshold=threshold,
                       flagged=flagged, predictions=defended)
         result.defended_predictions, result.lam, result.threshold = defended, request.lam, request.threshold

@@ -120,7 +120,8 @@ class Records:
         removal = None if self.removal is None else torch.from_numpy(self.removal)
         removal_score = None if self.removal_score is None else torch.from_numpy(self.removal_score)
         _, flags = verdicts(torch.from_numpy(self.original), torch.from_numpy(self.defended),
-                            torch.from_numpy(self.score), threshold, removal, removal_score, removal_threshold)
+                            torch.from_numpy(self.score), threshold, removal, removal_score, removal_threshold,
+                            torch.from_numpy(self.confidence))
         flags = flags.numpy()
         # attacked: the answer with the suspect removed (the engine's final), where there was a removal check
         answer = self.defended if self.removal is None else np.where(self.removal != NO_REMOVAL, self.removal,
