@@ -74,9 +74,10 @@ class Stage(_Schema):
 class DefendResult(_Schema):
     """``POST /defend/{method}``: defended top-5, original top-5, defended image, applied mask, attack verdict.
 
-    ``final_predictions`` is the one answer to use: the defended top-5 when ``attacked`` (the defence changed
-    the top-1, the attack score is above the model's threshold and the original top-1 does not survive
-    removing the suspected patch outright), else the original top-5 (the defended one when undecided).
+    ``final_predictions`` is the one answer to use: when ``attacked`` (a view, the defended one or the removal
+    view, changed the top-1 by more than its threshold, on an original top-1 of at least 0.1 probability, and the
+    original top-1 does not survive removing the suspected patch outright) the removal view's top-5 (the
+    defended top-5 for the whole-image filters), else the original top-5 (the defended one when undecided).
     ``path`` (``auto`` only) says whether the cheap screen answered or the strong path decided; ``stages``
     lists every view computed.
     """

@@ -70,8 +70,9 @@ class DefendResponse(_Answer):
                     "calibrated one for this method and lambda (null: not calibrated)")
     attacked: bool | None = Field(
         description="the verdict: a view changed the top-1 by more than its threshold (the defended view: "
-                    "attack_score > attack_threshold; the removal view: removal_score > removal_threshold), and the "
-                    "original top-1 does not survive removing the suspected patch outright (null: changed, no threshold)")
+                    "attack_score > attack_threshold; the removal view: removal_score > removal_threshold) on an original "
+                    "top-1 of at least 0.1 probability, and the original top-1 does not survive removing the suspected "
+                    "patch outright (null: changed, no threshold)")
     final_predictions: list[Prediction] = Field(
         description="the one answer to use: when attacked the top-5 with the suspected patch removed (lgs, slgs, wlgs, "
                     "auto; the defended top-5 for the filters), when undecided the defended top-5, else the original top-5")
